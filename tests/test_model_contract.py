@@ -1,0 +1,89 @@
+"""One contract, every model: a tiny schema and batch in, logits [B] out, gradients everywhere, eval deterministic.
+
+Adding a model = one entry in MODELS. An entry says how to build the model from a schema and a scratch folder
+(for models that load weights from disk, e.g. a tiny BERT written by `recsys_lab.utils.testing_text`), and may
+bring its own schema and batch factories (a cross-encoder needs `batch.text`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.schema import Schema
+from recsys_lab.models.din import DIN
+from recsys_lab.models.two_tower import TwoTower
+from recsys_lab.utils.testing import random_batch, tiny_schema
+
+
+@dataclass
+class Case:
+    build: Callable[[Schema, Path], nn.Module]
+    schema: Callable[[], Schema] = tiny_schema
+    batch: Callable[[Schema], Batch] = (
+        random_batch  # must give B > 1: BatchNorm-style layers need it in training
+    )
+
+
+MODELS: dict[str, Case] = {
+    "din": Case(lambda schema, _: DIN(schema, embedding_dim=4, attention_hidden=[8, 4], mlp_hidden=[8, 4])),
+    "two_tower": Case(lambda schema, _: TwoTower(schema, embedding_dim=4, tower_hidden=[8], output_dim=6)),
+}
+
+
+def item_only(batch: Batch, schema: Schema) -> Batch:
+    """The item-side features of `batch` and nothing else, as an item catalogue is passed to `encode_item`."""
+    item = {f.name for f in schema.select(side="item")}
+    return Batch(
+        sparse={k: v for k, v in batch.sparse.items() if k in item},
+        seq={k: v for k, v in batch.seq.items() if k in item},
+        dense={k: v for k, v in batch.dense.items() if k in item},
+    )
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_contract(name: str, tmp_path: Path) -> None:
+    case = MODELS[name]
+    schema = case.schema()
+    batch = case.batch(schema)
+    torch.manual_seed(0)
+    model = case.build(schema, tmp_path)
+
+    # logits: one finite float per row
+    model.train()
+    logits = model(batch)
+    assert logits.shape == (len(batch),)
+    assert logits.dtype.is_floating_point
+    assert torch.isfinite(logits).all()
+
+    # every parameter is used: a finite gradient reaches it
+    logits.sum().backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient for {param_name}"
+        assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient for {param_name}"
+
+    # eval is deterministic (dropout off, running statistics instead of batch statistics)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(batch), rtol=0, atol=0)
+
+    # retrieval models: encodings of the right shapes, and forward is their row-wise dot product
+    if hasattr(model, "encode_query") and hasattr(model, "encode_item"):
+        with torch.no_grad():
+            query = model.encode_query(batch)
+            item = model.encode_item(batch)
+            assert query.dim() == 2 and query.shape[0] == len(batch)
+            assert item.shape == query.shape
+            torch.testing.assert_close(model(batch), (query * item).sum(dim=-1))
+
+            # a catalogue of N != B items holding item-side features only
+            catalogue = item_only(case.batch(schema), schema).select(torch.arange(len(batch) - 1))
+            encoded = model.encode_item(catalogue)
+            assert encoded.shape == (len(batch) - 1, query.shape[1])
+            torch.testing.assert_close(encoded, item[: len(batch) - 1])
