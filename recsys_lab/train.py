@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics[f"best_{cfg.monitor}"] = best
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+            trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
             if task.view == "ctr":
                 reference = {f"test/{k}": v for k, v in datamodule.reference_metrics("test").items()}

@@ -171,3 +171,20 @@ def test_din_pinned_output() -> None:
         )  # eval: the running statistics just updated
         torch.testing.assert_close(logits.mean(), torch.tensor(0.05050659), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(weights.sum(), torch.tensor(-7.2802591), rtol=1e-4, atol=1e-5)
+
+
+def test_dice_trains_on_fewer_than_two_samples():
+    # the last batch of an epoch can hold one row, and a batch can have a single real history position
+    dice = Dice(4).train()
+    for rows in (0, 1):
+        x = torch.randn(rows, 4, requires_grad=True)
+        out = dice(x)
+        assert out.shape == (rows, 4)
+        assert torch.isfinite(out).all()
+    attention = TargetAttention(4, hidden=[8]).train()
+    history, target = torch.randn(3, 5, 4), torch.randn(3, 4)
+    for real in (0, 1):
+        mask = torch.zeros(3, 5, dtype=torch.bool)
+        mask[0, :real] = True
+        pooled, weights = attention(history, target, mask)
+        assert pooled.shape == (3, 4) and (weights[~mask] == 0).all()

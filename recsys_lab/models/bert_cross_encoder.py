@@ -43,6 +43,8 @@ class BERTCrossEncoder(nn.Module):
             raise TypeError(f"BERTCrossEncoder: schema must be a Schema, got {type(schema).__name__}")
         folder = resolve_pretrained(pretrained, sha256=sha256, allow_download=allow_download)
         self.encoder = AutoModel.from_pretrained(folder, local_files_only=not allow_download)
+        # from_pretrained returns the encoder in eval mode; a fresh module trains (dropout on) like any other
+        self.encoder.train()
         # Scoring reads the [CLS] hidden state, so BERT's NSP pooler would be dead weight with no gradient (and
         # DDP would then need find_unused_parameters); drop it.
         if getattr(self.encoder, "pooler", None) is not None:

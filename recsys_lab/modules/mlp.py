@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -55,8 +56,9 @@ class Dice(nn.Module):
     """Dice activation, DIN (Zhou et al., arXiv:1706.06978, sec. 4.3): a PReLU whose rectifier point follows the data.
 
     out = p * x + (1 - p) * alpha * x with p = sigmoid(BatchNorm(x)): the switch between the two slopes sits at the
-    batch mean of each channel instead of at 0. Batch statistics in training, running statistics in eval; like
-    `nn.BatchNorm1d`, training needs more than one row per call.
+    batch mean of each channel instead of at 0. Batch statistics in training, running statistics in eval and for
+    a training call with fewer than two samples (a batch statistic of one row is undefined; such calls happen
+    for the last small batch of an epoch, or when only one history position in a batch is real).
 
     Args:
         dim: channels D, the last dim of the input (B, D) or (B, L, D); every leading position is a sample.
@@ -72,5 +74,10 @@ class Dice(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # BatchNorm1d wants channels in dim 1: fold all leading dims into one sample axis
         flat = x.reshape(-1, x.shape[-1])  # (B*L, D)
-        p = torch.sigmoid(self.norm(flat)).reshape(x.shape)  # (..., D)
+        if self.training and flat.shape[0] < 2:
+            n = self.norm
+            normed = F.batch_norm(flat, n.running_mean, n.running_var, training=False, eps=n.eps)
+        else:
+            normed = self.norm(flat)
+        p = torch.sigmoid(normed).reshape(x.shape)  # (..., D)
         return p * x + (1 - p) * self.alpha * x

@@ -1,0 +1,140 @@
+"""The feature schema: one description of every feature that drives embedding creation in every model.
+
+The schema comes from the DataModule at run time (vocabularies and statistics are fitted on the training split)
+and is passed to the model constructor by `train.py`, so model configs never repeat feature names or sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Kind = Literal["sparse", "seq", "dense", "text"]
+Side = Literal["user", "item", "context"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One named feature.
+
+    Args:
+        name: key in the matching `Batch` dict (`batch.sparse[name]`, `batch.seq[name]`, ...).
+        kind: "sparse" (one id per row), "seq" (id list + lengths), "dense" (float [B] or [B, dim]),
+            "text" (token ids built by the DataModule).
+        side: "user" and "context" features describe the query; "item" features describe the candidate.
+            Two-tower models split on this.
+        vocab_size: number of ids for sparse/seq features (ids are 0..vocab_size-1).
+        dim: width of a dense feature.
+        max_len: longest sequence (seq) or token count (text).
+        embed_as: for a seq feature, the sparse feature whose embedding table it shares (a click history of
+            items is embedded with the item-id table, so history and candidate live in one space).
+    """
+
+    name: str
+    kind: Kind
+    side: Side
+    vocab_size: int = 0
+    dim: int = 1
+    max_len: int = 0
+    embed_as: str | None = None
+
+
+@dataclass
+class Schema:
+    """All features of a dataset plus statistics fitted on the training split.
+
+    Args:
+        features: every feature a Batch of this dataset may carry.
+        user_id / item_id: names of the sparse features holding the user and item ids.
+        labels: label names present in `batch.labels` ("click", "purchase", ...).
+        item_counts: float [num_items], positive training interactions per item. Popularity baselines score with
+            it and sampled-softmax losses use it as the sampling probability for logQ correction.
+    """
+
+    features: list[Feature]
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    labels: list[str] = field(default_factory=lambda: ["click"])
+    item_counts: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"schema: feature names must be unique, got duplicates {duplicates}")
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.kind in ("sparse", "seq") and f.vocab_size <= 0:
+                raise ValueError(f"schema: feature '{f.name}' ({f.kind}) needs vocab_size > 0")
+            if f.kind == "seq" and f.embed_as is not None:
+                target = by_name.get(f.embed_as)
+                if target is None or target.kind != "sparse" or target.vocab_size != f.vocab_size:
+                    raise ValueError(
+                        f"schema: seq feature '{f.name}' has embed_as='{f.embed_as}', which must name a sparse "
+                        f"feature with the same vocab_size ({f.vocab_size})"
+                    )
+        for key in (self.user_id, self.item_id):
+            if key not in by_name or by_name[key].kind != "sparse":
+                raise ValueError(f"schema: '{key}' must be a sparse feature; features are {names}")
+
+    # --- lookups --------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"schema has no feature '{name}'; features are {[f.name for f in self.features]}")
+
+    def __contains__(self, name: str) -> bool:
+        return any(f.name == name for f in self.features)
+
+    def select(self, kind: Kind | None = None, side: Side | tuple[Side, ...] | None = None) -> list[Feature]:
+        """Features of one kind and/or side(s), in schema order."""
+        sides = (side,) if isinstance(side, str) else side
+        return [
+            f for f in self.features if (kind is None or f.kind == kind) and (sides is None or f.side in sides)
+        ]
+
+    @property
+    def num_items(self) -> int:
+        return self[self.item_id].vocab_size
+
+    @property
+    def num_users(self) -> int:
+        return self[self.user_id].vocab_size
+
+    # --- serialisation --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain-Python form (no tensors): safe for hparams, JSON and `weights_only` checkpoints."""
+        return {
+            "features": [asdict(f) for f in self.features],
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "labels": list(self.labels),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, item_counts: Tensor | None = None) -> Schema:
+        return cls(
+            features=[Feature(**f) for f in data["features"]],
+            user_id=data["user_id"],
+            item_id=data["item_id"],
+            labels=list(data["labels"]),
+            item_counts=item_counts,
+        )
+
+    def fingerprint(self) -> str:
+        """Short hash of the feature layout: a checkpoint only loads into a model built for the same layout."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def item_log_prob(self) -> Tensor:
+        """float [num_items]: log of each item's share of training positives (add-one smoothed)."""
+        if self.item_counts is None:
+            raise ValueError("schema.item_counts is not set: the DataModule fits it on the training split")
+        counts = self.item_counts.double() + 1.0
+        return torch.log(counts / counts.sum()).float()

@@ -1,0 +1,157 @@
+"""Text inputs for cross-encoders: tokenize every item once, then assemble (history, candidate) pairs per batch.
+
+Tokenizing a pair per row per step is where text recommenders lose their time; here the DataModule tokenizes each
+item's text once (`tokenize_texts`) and every batch is assembled from that table with tensor ops only
+(`build_pair_inputs`): gather the tokens of the history items and the candidate into one wide [B, W] matrix with a
+validity mask, then compact the valid tokens to the left and cut/pad to `max_length`.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from torch import Tensor
+
+from recsys_lab.data.batch import Seq
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Token ids of each text without special tokens, truncated to `max_tokens`.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer (one batched call for all texts).
+        texts: N strings (an empty string gives length 0).
+        max_tokens: T, the width of the table.
+
+    Returns:
+        ids int64 [N, T] right-padded with `tokenizer.pad_token_id`, and lengths int64 [N] (<= T).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"tokenize_texts: max_tokens must be >= 1, got {max_tokens}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError(f"tokenize_texts: tokenizer {type(tokenizer).__name__} has no pad token")
+    texts = list(texts)
+    if not texts:
+        return torch.full((0, max_tokens), pad_id, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    # Pad ourselves rather than through the tokenizer: the result then never depends on its padding_side.
+    encoded = tokenizer(
+        texts,
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_tokens,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
+    lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)  # (N,)
+    flat = torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.long)  # (sum lengths,)
+    ids = torch.full((len(texts), max_tokens), pad_id, dtype=torch.long)  # (N, T)
+    ids[torch.arange(max_tokens).unsqueeze(0) < lengths.unsqueeze(1)] = flat  # row-major order = text order
+    return ids, lengths
+
+
+def build_pair_inputs(
+    item_tokens: Tensor,
+    item_lengths: Tensor,
+    history: Seq,
+    candidates: Tensor,
+    *,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+    max_length: int,
+    max_history_items: int,
+    history_sep_id: int | None = None,
+) -> dict[str, Tensor]:
+    """Cross-encoder inputs "[CLS] history [SEP] candidate [SEP]" for B (user, candidate) pairs.
+
+    The history segment holds the token ids of the user's `max_history_items` most recent items, most recent
+    first, concatenated; with `history_sep_id` set, that token follows each history item (e.g. the id of ";"),
+    otherwise titles are joined with nothing in between. Truncation keeps the candidate whole (it is cut only if
+    it alone exceeds `max_length - 3`) and drops history tokens from the oldest end, so the most recent items
+    survive. Positions of `history` beyond its lengths contribute nothing.
+
+    Args:
+        item_tokens: int64 [N_items, T] token ids per item, right-padded (from `tokenize_texts`).
+        item_lengths: int64 [N_items] valid tokens per item.
+        history: item ids [B, L], right-padded, most recent item at position lengths - 1; lengths [B].
+        candidates: int64 [B] candidate item ids.
+        cls_id / sep_id / pad_id: the tokenizer's special token ids.
+        max_length: output width (>= 3: [CLS] and two [SEP] always fit).
+        max_history_items: most recent history items to read (0 reads none).
+        history_sep_id: optional token appended after every history item.
+
+    Returns:
+        "input_ids", "attention_mask", "token_type_ids": int64 [B, max_length], right-padded; token_type_ids is
+        0 for [CLS], the history and the first [SEP], 1 for the candidate and the last [SEP].
+    """
+    if max_length < 3:
+        raise ValueError(f"build_pair_inputs: max_length must be >= 3 ([CLS] + 2 x [SEP]), got {max_length}")
+    if max_history_items < 0:
+        raise ValueError(f"build_pair_inputs: max_history_items must be >= 0, got {max_history_items}")
+    device = item_tokens.device
+    item_tokens = item_tokens.long()
+    batch_size, history_len = history.ids.shape
+    width = item_tokens.shape[1]  # T
+    budget = max_length - 3  # tokens left for history + candidate after [CLS], [SEP], [SEP]
+
+    # Candidate segment: kept whole unless it alone exceeds the budget.
+    cand_tokens = item_tokens[candidates]  # (B, T)
+    cand_len = item_lengths[candidates].clamp(max=budget)  # (B,)
+    cand_valid = torch.arange(width, device=device).unsqueeze(0) < cand_len.unsqueeze(1)  # (B, T)
+
+    # History segment, most recent first: the k-th most recent item sits at position lengths - 1 - k.
+    num_items = min(max_history_items, history_len)  # K
+    k = torch.arange(num_items, device=device)
+    item_valid = k.unsqueeze(0) < history.lengths.clamp(max=num_items).unsqueeze(1)  # (B, K)
+    positions = (history.lengths.unsqueeze(1) - 1 - k.unsqueeze(0)).clamp(min=0)  # (B, K)
+    # Padding slots may hold any id (even out of range): replace them before indexing the token table.
+    hist_items = torch.where(item_valid, history.ids.gather(1, positions), 0)  # (B, K)
+    hist_tokens = item_tokens[hist_items]  # (B, K, T)
+    hist_len = torch.where(item_valid, item_lengths[hist_items], 0)  # (B, K)
+    if history_sep_id is not None:
+        hist_tokens = torch.cat(
+            [hist_tokens, hist_tokens.new_full((batch_size, num_items, 1), pad_id)], dim=2
+        )
+        hist_tokens.scatter_(2, hist_len.unsqueeze(2), history_sep_id)  # separator right after each title
+        hist_len = hist_len + item_valid.long()
+    item_width = hist_tokens.shape[2]  # T or T + 1
+    hist_valid = torch.arange(item_width, device=device) < hist_len.unsqueeze(2)  # (B, K, T')
+    hist_tokens = hist_tokens.reshape(batch_size, num_items * item_width)  # (B, K*T')
+    hist_valid = hist_valid.reshape(batch_size, num_items * item_width)  # (B, K*T')
+    # Recent-first order means the oldest tokens come last: keep the first (budget - candidate) valid ones.
+    hist_budget = (budget - cand_len).unsqueeze(1)  # (B, 1)
+    hist_valid = hist_valid & (hist_valid.cumsum(1) <= hist_budget)
+
+    # Wide matrix [CLS] history [SEP] candidate [SEP], padded with invalid columns to at least max_length.
+    col = torch.ones(batch_size, 1, dtype=torch.long, device=device)
+    extra = max(0, max_length - (3 + num_items * item_width + width))
+    tokens = torch.cat(
+        [
+            col * cls_id,
+            hist_tokens,
+            col * sep_id,
+            cand_tokens,
+            col * sep_id,
+            col.new_full((batch_size, extra), pad_id),
+        ],
+        dim=1,
+    )  # (B, W)
+    ones = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+    valid = torch.cat(
+        [ones, hist_valid, ones, cand_valid, ones, ones.new_zeros(batch_size, extra)], dim=1
+    )  # (B, W)
+    segment_b = torch.zeros(tokens.shape[1], dtype=torch.long, device=device)  # (W,)
+    segment_b[2 + num_items * item_width : 3 + num_items * item_width + width] = 1  # candidate + last [SEP]
+    types = segment_b.expand(batch_size, -1)  # (B, W)
+
+    # Compact: a stable sort on "is padding" moves valid tokens left in their original order. A sort rather than
+    # a scatter keeps this deterministic on GPUs (torch.use_deterministic_algorithms).
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[
+        :, :max_length
+    ]  # (B, max_length)
+    mask = valid.gather(1, order)
+    input_ids = torch.where(mask, tokens.gather(1, order), pad_id)
+    token_type_ids = torch.where(mask, types.gather(1, order), 0)
+    return {"input_ids": input_ids, "attention_mask": mask.long(), "token_type_ids": token_type_ids}

@@ -1,0 +1,75 @@
+"""Re-evaluate a saved run: `python scripts/evaluate.py ckpt_path=<path/to.ckpt> [+data.max_eval_rows=1000]`.
+
+The checkpoint carries the run's resolved config (model, data, seed), so the same model and data are rebuilt
+from it; `+data.*` / `+trainer.*` overrides change the evaluation setting. Results are printed and written to
+results.json in this evaluation's own run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_lab.train import CONFIG_DIR, build
+from recsys_lab.utils.run import ConfigError, write_results
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not a readable PyTorch checkpoint ({err})") from err
+    run = checkpoint.get("recsys_lab_run")
+    if run is None:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not written by recsys_lab's train.py (no run metadata)")
+    if cfg.stage not in ("val", "test"):
+        raise ConfigError(f"stage={cfg.stage}: expected 'val' or 'test'")
+    run_cfg = OmegaConf.create(run["config"])
+    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    pl.seed_everything(run_cfg.seed, workers=True)
+    datamodule, task = build(run_cfg)
+    trainer_cfg = OmegaConf.merge(
+        {k: v for k, v in run_cfg.trainer.items() if k in ("_target_", "accelerator", "devices", "precision")},
+        {"logger": False, "enable_progress_bar": False, "default_root_dir": cfg.paths.output_dir},
+        cfg.trainer,
+    )
+    trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg)
+    run_stage = trainer.test if cfg.stage == "test" else trainer.validate
+    # the Lightning checkpoint restores the weights; the task's on_load_checkpoint checks model and schema
+    run_stage(task, datamodule=datamodule, ckpt_path=str(path))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{cfg.stage}/")}
+    if task.view == "ctr":
+        metrics.update({f"{cfg.stage}/{k}": v for k, v in datamodule.reference_metrics(cfg.stage).items()})
+    results = {
+        "metrics": metrics,
+        "model": run_cfg.model.net._target_,
+        "task": run_cfg.model._target_,
+        "seed": run_cfg.seed,
+        "checkpoint": str(path),
+        "git_commit": run.get("git_commit"),
+        "data_fingerprint": datamodule.fingerprint(),
+        "trained_on_data_fingerprint": run.get("data_fingerprint"),
+        "protocol": datamodule.describe(),
+        "output_dir": cfg.paths.output_dir,
+    }
+    write_results(results, Path(cfg.paths.output_dir))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

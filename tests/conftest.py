@@ -1,0 +1,61 @@
+"""Shared fixtures: compose the real Hydra configs with small data and run them in-process."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never reach W&B (one offline smoke test opts back in) and never a model hub.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from recsys_lab.train import CONFIG_DIR  # noqa: E402  (also registers the resolvers)
+
+REPO = Path(__file__).resolve().parents[1]
+# A small simulator: every test that trains uses it unless it overrides data.source.*
+SMALL_DATA = [
+    "data.source.n_users=300",
+    "data.source.n_items=200",
+    "data.source.impressions_per_user=20",
+    "data.batch_size=256",
+    "data.eval_batch_size=512",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One simulator cache for the whole session (each parameter set is built once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_dir):
+    """compose('train', overrides) with paths under tmp_path, as train.py would see it."""
+
+    def _make(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        out = run_dir or tmp_path / "run"
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(tmp_path)
+            cfg.paths.data_dir = str(data_dir)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.output_dir = str(out)
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra  # train.py's cfg has no hydra node either
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,167 @@
+"""End-to-end: every model config trains through train.py's code path; checkpoints resume and re-evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from recsys_lab.tasks.base import CheckpointMismatchError
+from recsys_lab.train import CONFIG_DIR, train
+from recsys_lab.utils.run import ConfigError
+from recsys_lab.utils.testing_text import build_tiny_bert
+from tests.conftest import REPO, SMALL_DATA
+
+MODELS = ["din", "two_tower", "bert_cross_encoder", "popularity", "popularity_retrieval"]
+CTR_MODELS = {"din", "bert_cross_encoder", "popularity"}
+
+
+def model_overrides(model: str, tmp_path: Path) -> list[str]:
+    """Overrides that make a model config run on small data (a tiny random BERT instead of MiniLM)."""
+    extra = []
+    if model == "bert_cross_encoder":
+        extra = [f"model.net.pretrained={build_tiny_bert(tmp_path / 'bert')}", "model.net.sha256=null"]
+    return [f"model={model}", "data=ecommerce", *SMALL_DATA, "logger=none", *extra]
+
+
+def test_every_model_config_is_covered():
+    configs = {p.stem for p in (REPO / "conf" / "model").glob("*.yaml")}
+    assert configs == set(MODELS), "add the new model config to MODELS (and the contract test)"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run(model, make_cfg, tmp_path):
+    cfg = make_cfg([*model_overrides(model, tmp_path), "debug=fast_dev_run"])
+    results = train(cfg)
+    metrics = results["metrics"]
+    if model in CTR_MODELS:
+        for key in ("test/auc", "test/gauc", "test/oracle_auc", "test/popularity_auc"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+        assert metrics["test/logloss"] > 0
+    else:
+        for k in (10, 20, 50):
+            assert 0.0 <= metrics[f"test/recall@{k}"] <= 1.0
+        assert metrics["test/recall@10"] <= metrics["test/recall@20"] <= metrics["test/recall@50"]
+        assert 0.0 < metrics["test/mrr"] <= 1.0
+    saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert saved["metrics"] == pytest.approx(metrics)
+    assert saved["protocol"]["split"] == "temporal" and saved["protocol"]["n_users"] == 300
+    assert saved["data_fingerprint"] == results["data_fingerprint"] and len(saved["data_fingerprint"]) == 16
+
+
+def test_overfit_batches_drives_loss_down(make_cfg, tmp_path):
+    cfg = make_cfg(
+        [*model_overrides("din", tmp_path), "debug=overfit", "logger=csv", "trainer.log_every_n_steps=1",
+         "trainer.max_epochs=40", "model.net.dropout=0.0", "model.optimizer.lr=0.01"]
+    )
+    train(cfg)
+    log = pl.read_csv(next(Path(cfg.paths.output_dir).glob("csv/version_*/metrics.csv")))
+    loss = log["train/loss"].drop_nulls().to_numpy()
+    assert len(loss) >= 40
+    assert loss[-4:].mean() < 0.25 * loss[:4].mean()
+
+
+def test_checkpoint_resume_evaluate_and_mismatch(make_cfg, tmp_path):
+    base = [*model_overrides("din", tmp_path), "callbacks.early_stopping=null"]
+    first = make_cfg([*base, "trainer.max_epochs=1"], run_dir=tmp_path / "first")
+    r1 = train(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ck1 = torch.load(last, map_location="cpu", weights_only=True)
+    steps = ck1["global_step"]
+    assert ck1["epoch"] == 0 and steps > 0
+    assert ck1["recsys_lab_model"]["net"] == "recsys_lab.models.din.DIN"
+    assert ck1["recsys_lab_run"]["config"]["model"]["net"]["_target_"] == "recsys_lab.models.din.DIN"
+
+    # resume: the epoch counter and Adam's state continue instead of starting over
+    second = make_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir=tmp_path / "second")
+    train(second)
+    ck2 = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ck2["epoch"] == 1
+    assert ck2["global_step"] == 2 * steps
+    adam_steps = {float(s["step"]) for s in ck2["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {2.0 * steps}
+
+    # re-evaluation from the checkpoint alone reproduces the run's test metrics
+    from scripts.evaluate import evaluate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        eval_cfg = compose("eval", overrides=[f"ckpt_path={r1['best_checkpoint']}"])
+    with open_dict(eval_cfg):
+        eval_cfg.paths = {"output_dir": str(tmp_path / "eval")}
+    evaluated = evaluate(eval_cfg)
+    assert evaluated["metrics"]["test/auc"] == pytest.approx(r1["metrics"]["test/auc"], abs=1e-6)
+    assert evaluated["metrics"]["test/oracle_auc"] == pytest.approx(r1["metrics"]["test/oracle_auc"])
+    assert (tmp_path / "eval" / "results.json").exists()
+
+    # a DIN checkpoint cannot be resumed by another model: one clear error naming both
+    other = make_cfg(
+        [*model_overrides("two_tower", tmp_path), "trainer.max_epochs=2", f"ckpt_path={last}"],
+        run_dir=tmp_path / "other",
+    )
+    with pytest.raises(CheckpointMismatchError, match="net: checkpoint has recsys_lab.models.din.DIN"):
+        train(other)
+
+
+def test_bad_max_epochs_is_rejected(make_cfg, tmp_path):
+    cfg = make_cfg([*model_overrides("din", tmp_path), "trainer.max_epochs=-1"])
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-1: expected a positive integer"):
+        train(cfg)
+
+
+def test_missing_pretrained_folder_is_named(make_cfg, tmp_path):
+    missing = tmp_path / "no_such_model"
+    cfg = make_cfg(
+        [*model_overrides("bert_cross_encoder", tmp_path), f"model.net.pretrained={missing}", "debug=fast_dev_run"]
+    )
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg)
+
+
+def test_unknown_model_group_option_names_the_choices(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "model=nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr
+    assert "din" in proc.stderr and "two_tower" in proc.stderr  # the available options are listed
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "trainer.max_epochs=-1", *SMALL_DATA, "logger=none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "RECSYS_LAB_DATA": str(tmp_path / "data")},
+    )
+    assert proc.returncode != 0
+    assert "config error: trainer.max_epochs=-1: expected a positive integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_smoke(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg(
+        [*model_overrides("din", tmp_path)[:-1], "logger=wandb", "trainer.max_epochs=1",
+         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    )
+    train(cfg)
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("run-*.wandb")), "the offline run log was not written"
+    config = (runs[0] / "files" / "config.yaml").read_text()
+    assert "git_commit" in config and "data_fingerprint" in config and "recsys_lab.models.din.DIN" in config
