@@ -91,7 +91,11 @@ def resolve_pretrained(name_or_path: str, sha256: str | None = None, allow_downl
 
 
 def register_resolvers() -> None:
-    """Register OmegaConf resolvers used by the configs: `${minilm_path:}`."""
+    """Register OmegaConf resolvers used by the configs: `${minilm_path:}` and `${cwd:}` (the directory the
+    command was started in; Hydra does not chdir, and `${hydra:runtime.cwd}` is not available to the sweeper)."""
+    import os
+
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("minilm_path", minilm_path, replace=True)
+    OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)

@@ -1,0 +1,51 @@
+"""Multirun: a grid over models x seeds and an Optuna sweep complete through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SMALL_DATA
+
+FAST = [*SMALL_DATA, "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+
+
+def run_cli(args: list[str], tmp_path, data_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECSYS_LAB_DATA": str(data_dir), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_grid_multirun_models_by_seeds(tmp_path, data_dir):
+    run_cli(["-m", "model=din,two_tower", "seed=1,2", *FAST], tmp_path, data_dir)
+    results = [json.loads(p.read_text()) for p in (tmp_path / "logs").glob("train/multiruns/*/*/results.json")]
+    assert sorted((r["model"].rsplit(".", 1)[1], r["seed"]) for r in results) == [
+        ("DIN", 1), ("DIN", 2), ("TwoTower", 1), ("TwoTower", 2)
+    ]
+    for r in results:
+        key = "test/auc" if r["model"].endswith("DIN") else "test/recall@50"
+        assert 0.0 < r["metrics"][key] <= 1.0
+
+
+@pytest.mark.slow
+def test_optuna_sweep_two_trials(tmp_path, data_dir):
+    run_cli(["-m", "hparams_search=din_optuna", "hydra.sweeper.n_trials=2", *FAST], tmp_path, data_dir)
+    sweeps = list((tmp_path / "logs").glob("train/multiruns/*"))
+    assert len(sweeps) == 1
+    trials = list(sweeps[0].glob("*/results.json"))
+    assert len(trials) == 2
+    best = yaml.safe_load((sweeps[0] / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.optimizer.lr", "model.net.embedding_dim", "model.net.dropout"}
+    # Optuna maximised the best validation AUC each trial returned
+    returned = [json.loads(t.read_text())["metrics"]["best_val/auc"] for t in trials]
+    assert best["best_value"] == pytest.approx(max(returned))
