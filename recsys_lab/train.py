@@ -96,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_results(results, output_dir)
         return results
     finally:
-        finish_loggers()
+        finish_loggers(loggers)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

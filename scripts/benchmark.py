@@ -65,8 +65,9 @@ AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16}
 def compose_config(model: str, overrides: list[str]) -> DictConfig:
     """conf/train.yaml with `model=<model>` and the overrides, as `train.py` would see it.
 
-    Outside a Hydra app run, `${hydra:runtime.*}` has no value, so the paths that use it are filled in:
-    the repository root (so data/ and its simulator cache are shared with train.py) and a scratch output dir.
+    Outside a Hydra app run `${hydra:runtime.*}` has no value, so a path that still reads it is filled in:
+    `root_dir` with the repository root and `output_dir` (unused: nothing is written) with logs/benchmark.
+    `data_dir` resolves as in train.py, so the simulator cache under ./data is shared with training runs.
     """
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", *overrides])

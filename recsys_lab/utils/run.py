@@ -61,12 +61,16 @@ def _wandb_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def finish_loggers() -> None:
-    """Close the W&B run even when a job fails, so one failed multirun job does not poison the next."""
-    try:
-        import wandb
-    except ImportError:
-        return
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close W&B runs even when a job fails, so one failed multirun job does not poison the next (and the
+    offline run log is flushed to disk before the job returns)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
+    import wandb
+
     if wandb.run is not None:
         wandb.finish()
 
