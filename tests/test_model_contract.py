@@ -17,9 +17,12 @@ from torch import nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.models.bert_cross_encoder import BERTCrossEncoder
 from recsys_lab.models.din import DIN
+from recsys_lab.models.popularity import Popularity
 from recsys_lab.models.two_tower import TwoTower
 from recsys_lab.utils.testing import random_batch, tiny_schema
+from recsys_lab.utils.testing_text import build_tiny_bert
 
 
 @dataclass
@@ -31,9 +34,27 @@ class Case:
     )
 
 
+def text_batch(schema: Schema) -> Batch:
+    """A random batch plus cross-encoder token inputs ([CLS] ... [SEP] ... [SEP], right-padded)."""
+    batch = random_batch(schema)
+    g = torch.Generator().manual_seed(1)
+    B, T = len(batch), 12
+    lengths = torch.tensor([12, 9, 5, 12, 7, 4])[:B]
+    mask = (torch.arange(T) < lengths.unsqueeze(1)).long()
+    ids = torch.randint(5, 40, (B, T), generator=g) * mask
+    types = ((torch.arange(T) >= 3) & mask.bool()).long()
+    batch.text = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return batch
+
+
 MODELS: dict[str, Case] = {
     "din": Case(lambda schema, _: DIN(schema, embedding_dim=4, attention_hidden=[8, 4], mlp_hidden=[8, 4])),
     "two_tower": Case(lambda schema, _: TwoTower(schema, embedding_dim=4, tower_hidden=[8], output_dim=6)),
+    "bert_cross_encoder": Case(
+        lambda schema, folder: BERTCrossEncoder(schema, pretrained=build_tiny_bert(folder / "bert")),
+        batch=text_batch,
+    ),
+    "popularity": Case(lambda schema, _: Popularity(schema)),
 }
 
 
