@@ -49,8 +49,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, task = build(cfg)
-    if cfg.monitor is None:  # null = the objective's headline metric
-        OmegaConf.update(cfg, "monitor", task.monitor)
+    if cfg.monitor is None:  # null = the objective's headline metric under this data's evaluation
+        OmegaConf.update(cfg, "monitor", task.default_monitor(datamodule.evaluation))
     output_dir = Path(cfg.paths.output_dir)
     commit = git_commit()
     run_info = {
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-            if task.view == "ctr":
+            if datamodule.evaluation == "impressions":
                 reference = {f"test/{k}": v for k, v in datamodule.reference_metrics("test").items()}
                 metrics.update(reference)
                 for logger in loggers:

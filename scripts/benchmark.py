@@ -170,30 +170,38 @@ def measure_eval(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
 ) -> float:
-    """Scored (query, item) pairs per second of `validation_step` on validation batches."""
+    """Scored (query, item) pairs per second of the validation step on validation batches."""
     task.eval()
-    items_per_row = 1  # CTR: one impression per row
-    if task.view == "retrieval":
+    ranking = datamodule.evaluation == "ranking"
+    if ranking:
         with autocast():
-            # what RetrievalTask.on_validation_epoch_start does, without needing a Trainer attached
-            task._catalogue = task.encode_catalogue(datamodule.catalogue())  # (N, D)
-        items_per_row = task._catalogue.shape[0]
+            # what RecTask.on_validation_epoch_start does, without needing a Trainer attached
+            task.ranking.start(task.net, datamodule, device)
     batches = endless(datamodule.val_dataloader())
-    rows, elapsed = 0, 0.0
+    pairs, elapsed = 0, 0.0
     for step in range(warmup + n_batches):
         batch = next(batches).to(device)
         sync(device)
         start = time.perf_counter()
-        with autocast():
-            task.validation_step(batch, step)
+        with autocast(), torch.no_grad():
+            if ranking:
+                task.ranking.step(task.net, datamodule, batch, "val")
+            else:
+                task._impression_step(batch, "val")
         sync(device)
         if step >= warmup:
             elapsed += time.perf_counter() - start
-            rows += len(batch)
-    task.metrics["val"].reset()
-    if task.view == "retrieval":
-        task._catalogue = None
-    return rows * items_per_row / elapsed
+            if not ranking:
+                pairs += len(batch)  # one impression per row
+            elif "eval.candidates" in batch.seq:
+                pairs += int(batch.seq["eval.candidates"].lengths.sum())
+            else:
+                pairs += len(batch) * datamodule.schema.num_items
+    if ranking:
+        task.ranking.end("val")
+    else:
+        task.metrics["val"].reset()
+    return pairs / elapsed
 
 
 # ---- one model, the environment, the report ---------------------------------------------------------------
@@ -218,7 +226,7 @@ def benchmark_model(model: str, overrides: list[str], args: argparse.Namespace) 
         "net": cfg.model.net._target_,
         "batch_size": datamodule.batch_size,
         "eval_batch_size": datamodule.eval_batch_size,
-        "catalogue_items": datamodule.schema.num_items if task.view == "retrieval" else None,
+        "catalogue_items": datamodule.schema.num_items if datamodule.evaluation == "ranking" else None,
         "gather_rows_per_s": gather,
         "train_samples_per_s": train,
         "eval_pairs_per_s": evaluate,

@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
     # the Lightning checkpoint restores the weights; the task's on_load_checkpoint checks model and schema
     run_stage(task, datamodule=datamodule, ckpt_path=str(path))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{cfg.stage}/")}
-    if task.view == "ctr":
+    if datamodule.evaluation == "impressions":
         metrics.update({f"{cfg.stage}/{k}": v for k, v in datamodule.reference_metrics(cfg.stage).items()})
     results = {
         "metrics": metrics,

@@ -30,7 +30,8 @@ def test_benchmark_reports_positive_rates(tmp_path, capsys):
     for row in saved["results"]:
         for key in ("gather_rows_per_s", "train_samples_per_s", "eval_pairs_per_s"):
             assert row[key] > 0, (row["model"], key)
-    # two_tower scores every query against the whole catalogue of the small simulator
-    assert saved["results"][1]["catalogue_items"] == 200
+    # two_tower scores every query against the whole catalogue: the item codes fitted on the training rows
+    # of the small simulator (at most its 200 items, plus code 0 for unknown items)
+    assert 100 < saved["results"][1]["catalogue_items"] <= 201
     printed = capsys.readouterr().out
     assert "| din | 256 / 512 |" in printed and "| two_tower | 256 / 512 |" in printed

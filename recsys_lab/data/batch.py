@@ -65,6 +65,25 @@ class Batch:
             text={k: v.to(device) for k, v in self.text.items()},
         )
 
+    @staticmethod
+    def concat(batches: list[Batch]) -> Batch:
+        """Rows of several batches with the same features, one after another (sequences padded to the
+        longest)."""
+        first = batches[0]
+
+        def seq(name: str) -> Seq:
+            width = max(b.seq[name].ids.shape[1] for b in batches)
+            ids = [torch.nn.functional.pad(b.seq[name].ids, (0, width - b.seq[name].ids.shape[1])) for b in batches]
+            return Seq(torch.cat(ids), torch.cat([b.seq[name].lengths for b in batches]))
+
+        return Batch(
+            sparse={k: torch.cat([b.sparse[k] for b in batches]) for k in first.sparse},
+            seq={k: seq(k) for k in first.seq},
+            dense={k: torch.cat([b.dense[k] for b in batches]) for k in first.dense},
+            labels={k: torch.cat([b.labels[k] for b in batches]) for k in first.labels},
+            text={k: torch.cat([b.text[k] for b in batches]) for k in first.text},
+        )
+
     def select(self, index: Tensor) -> Batch:
         """Rows `index` of every feature (used to take sub-batches, e.g. the clicked rows)."""
         return Batch(

@@ -1,18 +1,51 @@
-"""Splitting protocols. Each is a config object (`_target_`) and describes itself for the results table."""
+"""Splitting protocols. Each is a config object (`_target_`) and describes itself for the results table.
+
+Every protocol has `name`, `describe()` and `assign(inter) -> np.ndarray`: one int8 code (TRAIN / VAL / TEST)
+per row of `inter`, in the same order. `inter` is the preprocessed table (`recsys_lab.data.processing`) with
+columns `user_id`, `item_id`, `timestamp`, `positive` and, for pre-split data, `split`. After `assign`, every
+protocol exposes `cutoffs_`: the global (start of validation, start of test) timestamps for `TemporalSplit`,
+None for the per-user protocols, which have no global period boundary. All are vectorised (polars window
+expressions and numpy), with no per-user Python loops.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
+
+from recsys_lab.data.sources.raw import SourceError
 
 TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
+_ROW = "__row"
+
+
+def _require(inter: pl.DataFrame, columns: tuple[str, ...], protocol: str) -> None:
+    missing = [c for c in columns if c not in inter.columns]
+    if missing:
+        raise SourceError(
+            f"data.split ({protocol}): interactions lack column(s) {missing}; they have {inter.columns}"
+        )
+    if inter.height == 0:
+        raise SourceError(f"data.split ({protocol}): there are no interactions to split")
+
+
+def _scatter(rows: pl.Series, codes: pl.Series) -> np.ndarray:
+    """Codes computed in some other row order, put back in the input's order (`rows` = input row index)."""
+    out = np.empty(len(rows), dtype=np.int8)
+    out[rows.to_numpy()] = codes.to_numpy().astype(np.int8)
+    return out
 
 
 class TemporalSplit:
     """Global temporal split by timestamp quantiles: the leak-free default for non-sequential models.
 
     Every interaction before the `1 - val_fraction - test_fraction` quantile of time trains, the next
-    `val_fraction` validates, the last `test_fraction` tests. Features of a row only ever use interactions that
-    happened strictly before it, so later periods may use earlier periods' interactions as history.
+    `val_fraction` validates, the last `test_fraction` tests: rows at or after the validation cutoff are
+    validation, rows at or after the test cutoff are test. The quantiles are taken over all rows (negatives
+    included) and rounded up to whole timestamps. Features of a row only ever use interactions that happened
+    strictly before it, so later periods may use earlier periods' interactions as history. `assign` stores
+    the two cutoffs in `cutoffs_`; `cutoffs(timestamps)` computes them without assigning.
 
     Args:
         val_fraction: share of interactions (by time) in the validation period.
@@ -29,19 +62,178 @@ class TemporalSplit:
             )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.cutoffs_: tuple[int, int] | None = None
 
     def cutoffs(self, timestamps: np.ndarray) -> tuple[int, int]:
         """(start of validation, start of test) as timestamps."""
         q = np.quantile(timestamps, [1 - self.val_fraction - self.test_fraction, 1 - self.test_fraction])
         return int(np.ceil(q[0])), int(np.ceil(q[1]))
 
-    def assign(self, timestamps: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """int8 split code per row (TRAIN / VAL / TEST) and the two cutoffs."""
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 split code per row (TRAIN / VAL / TEST); sets `cutoffs_`."""
+        _require(inter, ("timestamp",), self.name)
+        timestamps = inter.get_column("timestamp").to_numpy()
         t_val, t_test = self.cutoffs(timestamps)
         split = np.full(len(timestamps), TRAIN, dtype=np.int8)
         split[timestamps >= t_val] = VAL
         split[timestamps >= t_test] = TEST
-        return split, (t_val, t_test)
+        self.cutoffs_ = (t_val, t_test)
+        return split
 
     def describe(self) -> dict:
         return {"split": self.name, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+
+class LeaveOneOutSplit:
+    """Per-user leave-one-out by time: the last positive tests, the second-to-last validates.
+
+    Each user's rows are ordered by timestamp, ties by row order. The user's last positive is TEST, the
+    second-to-last positive VAL, all earlier positives TRAIN. Negatives (impressions without a click, or
+    below-threshold ratings kept by `Preprocess(keep_negatives=True)`) go with the period they fall in, each
+    period starting just after the previous period's last positive: a negative before the last TRAIN positive
+    is TRAIN; one after it (up to the VAL positive) is VAL; one after the VAL positive, before or after the
+    TEST positive, is TEST. In one rule, for every row: code = clip(positives strictly before the row in the
+    user's order - (n_pos - 3), 0, 2), where n_pos is the user's number of positives.
+    Users with fewer than 3 positives keep every row in TRAIN (they have nothing to hold out for both val
+    and test); `Preprocess(min_history=3)` removes them instead. There are no global cutoffs (`cutoffs_`
+    stays None).
+    """
+
+    name = "leave_one_out"
+
+    def __init__(self) -> None:
+        self.cutoffs_: tuple[int, int] | None = None
+
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 split code per row (TRAIN / VAL / TEST)."""
+        _require(inter, ("user_id", "timestamp", "positive"), self.name)
+        pos = pl.col("positive").cast(pl.Int32)
+        n_pos = pos.sum().over("user_id")
+        before = pos.cum_sum().over("user_id") - pos  # positives strictly before the row, in time order
+        code = pl.when(n_pos >= 3).then((before - (n_pos - 3)).clip(0, 2)).otherwise(0)
+        ranked = (
+            inter.select("user_id", "timestamp", "positive")
+            .with_row_index(_ROW)
+            .sort("timestamp", maintain_order=True)  # stable: equal timestamps keep row order
+            .select(_ROW, code.alias("code"))
+        )
+        return _scatter(ranked.get_column(_ROW), ranked.get_column("code"))
+
+    def describe(self) -> dict:
+        return {"split": self.name}
+
+
+class RandomRatioSplit:
+    """Per-user random split by ratios, RecBole's "RS" with `group_by: user` (e.g. 8:1:1).
+
+    Each user's rows (positives and negatives alike) are put in a seeded random order and cut by counts
+    computed as RecBole's `_calcu_split_ids` does, for a user with `n` rows and ratios normalised to sum 1:
+    `n_val = floor(val * n)`, `n_test = floor(test * n)`, `n_train = n - n_val - n_test`; then, so that no
+    part is empty when its ratio is not, test and after it val each take one row from train when their
+    `ratio * n` lies strictly between 0 and 1, as long as train keeps more than one row. For 8:1:1,
+    n = 10 gives 8/1/1, n = 5 gives 3/1/1, n = 3 gives 1/1/1, n = 2 gives 1/0/1 and n = 1 gives 1/0/0.
+    The order is numpy's `default_rng(seed).permutation` of all rows, restricted to each user, so the
+    split is reproducible for the same table and seed (RecBole shuffles with torch, so its exact rows differ;
+    its counts do not). There are no global cutoffs (`cutoffs_` stays None).
+
+    Args:
+        ratios: (train, val, test) weights; normalised to sum 1.
+        seed: seed of the random order.
+    """
+
+    name = "random_ratio"
+
+    def __init__(
+        self, ratios: tuple[float, float, float] | list[float] = (0.8, 0.1, 0.1), seed: int = 0
+    ) -> None:
+        ratios = tuple(float(r) for r in ratios)
+        if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0:
+            raise ValueError(
+                f"data.split.ratios={list(ratios)} must be three non-negative weights (train, val, test) with "
+                "a positive train weight"
+            )
+        self.ratios = ratios
+        self.seed = seed
+        self.cutoffs_: tuple[int, int] | None = None
+
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 split code per row (TRAIN / VAL / TEST)."""
+        _require(inter, ("user_id",), self.name)
+        total = sum(self.ratios)
+        r_val, r_test = self.ratios[1] / total, self.ratios[2] / total
+        n = pl.len().over("user_id").cast(pl.Float64)
+        # position of the row in its user's random order (0-based); the keys are distinct, so no ties
+        position = pl.col("key").rank("ordinal").over("user_id").cast(pl.Int64) - 1
+        key = np.random.default_rng(self.seed).permutation(inter.height).astype(np.int64)
+        counts = inter.select("user_id", pl.Series("key", key)).with_columns(
+            position.alias("position"),
+            pl.len().over("user_id").cast(pl.Int64).alias("n"),
+            (n * r_val).alias("x_val"),
+            (n * r_test).alias("x_test"),
+        )
+        counts = counts.with_columns(
+            pl.col("x_val").floor().cast(pl.Int64).alias("n_val"),
+            pl.col("x_test").floor().cast(pl.Int64).alias("n_test"),
+        ).with_columns((pl.col("n") - pl.col("n_val") - pl.col("n_test")).alias("n_train"))
+        # RecBole's "no empty part" adjustment: test first, then val, each only while train keeps > 1 row
+        for part in ("test", "val"):
+            x = pl.col(f"x_{part}")
+            bump = ((pl.col("n_train") > 1) & (x > 0) & (x < 1)).cast(pl.Int64)
+            counts = counts.with_columns(
+                (pl.col(f"n_{part}") + bump).alias(f"n_{part}"), (pl.col("n_train") - bump).alias("n_train")
+            )
+        code = (
+            pl.when(pl.col("position") < pl.col("n_train"))
+            .then(TRAIN)
+            .when(pl.col("position") < pl.col("n_train") + pl.col("n_val"))
+            .then(VAL)
+            .otherwise(TEST)
+        )
+        return counts.select(code.cast(pl.Int8)).to_series().to_numpy()
+
+    def describe(self) -> dict:
+        return {"split": self.name, "ratios": list(self.ratios), "split_seed": self.seed}
+
+
+class PreSplit:
+    """The split the data comes with: a column of "train" / "val" / "test" per row.
+
+    Any other value (or a missing one) is an error that names the value and how many rows carry it. There
+    are no global cutoffs (`cutoffs_` stays None), even when the given periods happen to be temporal.
+
+    Args:
+        column: the interactions column holding the split names.
+    """
+
+    name = "pre_split"
+
+    def __init__(self, column: str = "split") -> None:
+        self.column = column
+        self.cutoffs_: tuple[int, int] | None = None
+
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 split code per row (TRAIN / VAL / TEST)."""
+        _require(inter, (self.column,), self.name)
+        values = inter.get_column(self.column)
+        if isinstance(values.dtype, (pl.Categorical, pl.Enum)):
+            values = values.cast(pl.String)
+        if values.dtype != pl.String:
+            raise SourceError(
+                f"data.split ({self.name}): column '{self.column}' has dtype {values.dtype}; expected strings "
+                "'train' / 'val' / 'test'"
+            )
+        counts = values.value_counts(sort=True)
+        bad = counts.filter(pl.col(self.column).is_null() | ~pl.col(self.column).is_in(list(SPLIT_NAMES)))
+        if bad.height:
+            found = ", ".join(
+                f"{'null' if v is None else repr(v)} in {c} row{'s' if c != 1 else ''}"
+                for v, c in bad.iter_rows()
+            )
+            raise SourceError(
+                f"data.split ({self.name}): column '{self.column}' has values other than 'train', 'val' and "
+                f"'test': {found}"
+            )
+        return values.replace_strict(SPLIT_NAMES, return_dtype=pl.Int8).to_numpy()
+
+    def describe(self) -> dict:
+        return {"split": self.name, "split_column": self.column}

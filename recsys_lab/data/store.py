@@ -74,108 +74,163 @@ class TextTables:
     max_history_items: int
 
 
+@dataclass
+class EntityTable:
+    """Features of users or items, indexed by entity (row of the source's table).
+
+    sparse: categorical codes int64 [N] (the id feature included); seq: multi-categorical codes as padded
+    int64 [N, G] with lengths [N]; dense: float32 [N] or [N, D].
+    """
+
+    sparse: dict[str, Tensor]
+    seq: dict[str, tuple[Tensor, Tensor]]
+    dense: dict[str, Tensor]
+
+    def into(self, batch: Batch, entities: Tensor) -> None:
+        for name, table in self.sparse.items():
+            batch.sparse[name] = table[entities]
+        for name, (ids, lengths) in self.seq.items():
+            batch.seq[name] = Seq(ids[entities], lengths[entities])
+        for name, table in self.dense.items():
+            batch.dense[name] = table[entities]
+
+
 class FeatureStore:
-    """Feature tables of one prepared dataset.
+    """Feature tables of one prepared dataset and the gatherers that build whole batches from row indices.
 
     Args:
-        user_sparse: user-table categorical columns, each int64 [U] (indexed by user id).
-        item_sparse: item-table categorical columns, each int64 [N] (indexed by item id).
-        item_dense: item dense columns, float32 [N] or [N, D].
-        row_sparse: per-interaction categorical columns (context), each int64 [R].
+        users / items: entity tables (see `EntityTable`); `item_key` in `items.sparse` holds item codes.
+        item_entity: int64 [V], the entity of each item code (code 0, "unknown", points at entity 0 and is
+            never a candidate).
+        row_sparse: per-interaction categorical codes (context), each int64 [R].
         labels: per-interaction labels, float32 [R].
-        user / item / timestamp: per-interaction ids and times, int64 [R].
-        history: each user's positive interactions (item ids) in time order.
-        n_prior: int64 [R], positives of the row's user strictly before the row's timestamp.
-        history_len: L, the longest history a batch carries.
-        history_features: item-table categorical columns gathered along the history (besides the item id).
-        text: tokenized item texts, when a language model is used.
+        user / item / split: per-interaction entity indices and split codes, int64 [R].
+        timelines: per split level s (0 train, 1 +validation, 2 +test), each user's positives of splits <= s
+            as item entities in time order. A row of split s reads timeline s, so a training row never sees a
+            validation or test interaction.
+        n_prior: int64 [R], the row's user's positives in its timeline strictly before the row's timestamp.
+        history_len: L, the most recent positives a batch carries.
+        history_features: item categorical columns gathered along the history besides the item id.
+        text: tokenized item texts (indexed by entity), when a language model is used.
     """
 
     def __init__(
         self,
         *,
-        user_key: str,
         item_key: str,
-        user_sparse: dict[str, Tensor],
-        item_sparse: dict[str, Tensor],
-        item_dense: dict[str, Tensor],
+        users: EntityTable,
+        items: EntityTable,
+        item_entity: Tensor,
         row_sparse: dict[str, Tensor],
         labels: dict[str, Tensor],
         user: Tensor,
         item: Tensor,
-        timestamp: Tensor,
-        history: Ragged,
+        split: Tensor,
+        timelines: list[Ragged],
         n_prior: Tensor,
         history_len: int,
         history_features: list[str],
         text: TextTables | None,
     ) -> None:
-        self.user_key, self.item_key = user_key, item_key
-        self.user_sparse, self.item_sparse, self.item_dense = user_sparse, item_sparse, item_dense
+        self.item_key = item_key
+        self.users, self.items, self.item_entity = users, items, item_entity
         self.row_sparse, self.labels = row_sparse, labels
-        self.user, self.item, self.timestamp = user, item, timestamp
-        self.history, self.n_prior = history, n_prior
+        self.user, self.item, self.split = user, item, split
+        self.timelines, self.n_prior = timelines, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
 
     # ---- pieces ------------------------------------------------------------------------------------------
-    def _user_part(self, batch: Batch, users: Tensor) -> None:
-        batch.sparse[self.user_key] = users
-        for name, table in self.user_sparse.items():
-            batch.sparse[name] = table[users]
-
-    def _item_part(self, batch: Batch, items: Tensor) -> None:
-        batch.sparse[self.item_key] = items
-        for name, table in self.item_sparse.items():
-            batch.sparse[name] = table[items]
-        for name, table in self.item_dense.items():
-            batch.dense[name] = table[items]
-
-    def _history_part(self, batch: Batch, users: Tensor, n_prior: Tensor) -> None:
-        hist = self.history.gather(users, ends=n_prior, max_len=self.history_len)  # ids (B, L)
-        batch.seq[f"hist_{self.item_key}"] = hist
+    def _history_part(self, batch: Batch, users: Tensor, level: Tensor, n_prior: Tensor) -> Seq:
+        """Item-entity history of each row (its timeline level, `n_prior` entries), as codes and features."""
+        hist = None
+        for lvl in torch.unique(level).tolist():
+            at = (level == lvl).nonzero().squeeze(1)
+            part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=self.history_len)
+            if hist is None:
+                hist = Seq(torch.zeros(len(users), self.history_len, dtype=torch.long), torch.zeros_like(users))
+            hist.ids[at], hist.lengths[at] = part.ids, part.lengths
+        if hist is None:
+            hist = Seq(torch.zeros(0, self.history_len, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        # entities -> codes and item features (padded positions read entity 0 and stay masked by lengths)
+        batch.seq[f"hist_{self.item_key}"] = Seq(self.items.sparse[self.item_key][hist.ids], hist.lengths)
         for name in self.history_features:
-            batch.seq[f"hist_{name}"] = Seq(self.item_sparse[name][hist.ids], hist.lengths)
+            batch.seq[f"hist_{name}"] = Seq(self.items.sparse[name][hist.ids], hist.lengths)
+        return hist
+
+    def _text_part(self, batch: Batch, hist_entities: Seq, item_entities: Tensor) -> None:
+        t = self.text
+        batch.text = build_pair_inputs(
+            t.item_tokens,
+            t.item_lengths,
+            hist_entities,
+            item_entities,
+            cls_id=t.cls_id,
+            sep_id=t.sep_id,
+            pad_id=t.pad_id,
+            max_length=t.max_length,
+            max_history_items=t.max_history_items,
+        )
 
     # ---- batches -----------------------------------------------------------------------------------------
-    def impressions(self, rows: Tensor) -> Batch:
-        """One row per interaction: user, context, candidate item, history before it, labels."""
-        users, items = self.user[rows], self.item[rows]
+    def impressions(self, rows: Tensor, items: Tensor | None = None) -> Batch:
+        """One row per interaction: user, context, candidate item, the history before it, labels.
+        `items` (entities) replaces the rows' items, e.g. with sampled negatives."""
+        users = self.user[rows]
+        items = self.item[rows] if items is None else items
         batch = Batch()
-        self._user_part(batch, users)
-        self._item_part(batch, items)
+        self.users.into(batch, users)
+        self.items.into(batch, items)
         for name, column in self.row_sparse.items():
             batch.sparse[name] = column[rows]
-        self._history_part(batch, users, self.n_prior[rows])
+        hist = self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         for name, column in self.labels.items():
             batch.labels[name] = column[rows]
         if self.text is not None:
-            t = self.text
-            batch.text = build_pair_inputs(
-                t.item_tokens,
-                t.item_lengths,
-                batch.seq[f"hist_{self.item_key}"],
-                items,
-                cls_id=t.cls_id,
-                sep_id=t.sep_id,
-                pad_id=t.pad_id,
-                max_length=t.max_length,
-                max_history_items=t.max_history_items,
-            )
+            self._text_part(batch, hist, items)
         return batch
 
-    def queries(self, users: Tensor, n_prior: Tensor, targets: Ragged, seen: Ragged, query_rows: Tensor) -> Batch:
-        """Full-ranking queries: each user as of the evaluation cutoff (features + the `n_prior` positives
-        before it), with the items to find (`eval.targets`) and the items to mask (`eval.seen`) as sequences.
-        `query_rows` index `targets` and `seen`."""
+    def with_negatives(self, rows: Tensor, negative_codes: Tensor) -> Batch:
+        """Positive rows followed by their sampled negatives [B, n] (same user, context and history; the
+        candidate replaced; every label 0)."""
+        n = negative_codes.shape[1]
+        positives = self.impressions(rows)
+        negatives = self.impressions(rows.repeat_interleave(n), self.item_entity[negative_codes.reshape(-1)])
+        negatives.labels = {k: torch.zeros_like(v) for k, v in negatives.labels.items()}
+        return Batch.concat([positives, negatives])
+
+    def queries(self, users: Tensor, level: int, eval_seqs: dict[str, Seq]) -> Batch:
+        """Ranking queries: users with all positives of timeline `level` as history, unknown context (code 0),
+        plus the evaluation sequences (targets, seen, candidates; item codes)."""
         batch = Batch()
-        self._user_part(batch, users)
-        self._history_part(batch, users, n_prior)
-        batch.seq["eval.targets"] = targets.gather(query_rows)
-        batch.seq["eval.seen"] = seen.gather(query_rows)
+        self.users.into(batch, users)
+        for name in self.row_sparse:
+            batch.sparse[name] = torch.zeros_like(users)
+        timeline = self.timelines[level]
+        levels = torch.full_like(users, level)
+        self._history_part(batch, users, levels, timeline.lengths(users))
+        batch.seq.update(eval_seqs)
+        batch.sparse["eval.user"] = users  # entity index: lets the evaluator build (query, candidate) pairs
         return batch
 
-    def items_batch(self, items: Tensor) -> Batch:
-        """Item-side features only: what `encode_item` reads for the catalogue."""
+    def pairs(self, users: Tensor, level: int, codes: Tensor) -> Batch:
+        """(query, candidate) rows for models without separate encoders: user entities [B] x item codes
+        [B, C] -> B*C rows, query-major, with the query's history (timeline `level`) and unknown context."""
+        B, C = codes.shape
+        users = users.repeat_interleave(C)  # (B*C,)
+        items = self.item_entity[codes.reshape(-1)]  # (B*C,)
         batch = Batch()
-        self._item_part(batch, items)
+        self.users.into(batch, users)
+        self.items.into(batch, items)
+        for name in self.row_sparse:
+            batch.sparse[name] = torch.zeros_like(users)
+        levels = torch.full_like(users, level)
+        hist = self._history_part(batch, users, levels, self.timelines[level].lengths(users))
+        if self.text is not None:
+            self._text_part(batch, hist, items)
+        return batch
+
+    def items_batch(self, codes: Tensor) -> Batch:
+        """Item-side features of item codes: what `encode_item` reads for the catalogue."""
+        batch = Batch()
+        self.items.into(batch, self.item_entity[codes])
         return batch

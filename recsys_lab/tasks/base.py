@@ -1,14 +1,15 @@
-"""What every task shares: the optimizer from config and the checkpoint identity check."""
+"""What every task shares: the optimizer from config, evaluation dispatch and the checkpoint identity check."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
-from torch import nn
+from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.tasks.ranking import RankingEvaluation
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -16,17 +17,20 @@ class CheckpointMismatchError(RuntimeError):
 
 
 class RecTask(pl.LightningModule):
-    """Base of the tasks: holds the net and schema, builds the optimizer, stamps and checks checkpoints.
+    """Base of the tasks: holds the net and schema, builds the optimizer, evaluates, checks checkpoints.
+
+    Validation and test follow the DataModule's evaluation: "ranking" query batches are scored by
+    `RankingEvaluation` (any model, any protocol); "impressions" batches by the subclass's `_impression_step`.
 
     Args:
         net: the model (a plain nn.Module).
         schema: the dataset's schema (feature names, training statistics).
         optimizer: a partial taking the parameters (`_partial_: true` in config).
         scheduler: optional partial taking the optimizer; stepped once per epoch.
+        ks: cut-offs of the ranking metrics.
     """
 
     view: str  # which DataModule view feeds this objective
-    monitor: str  # headline validation metric (checkpointing, early stopping, sweeps)
 
     def __init__(
         self,
@@ -34,10 +38,16 @@ class RecTask(pl.LightningModule):
         schema: Schema,
         optimizer: Callable,
         scheduler: Callable | None = None,
+        ks: Sequence[int] = (10, 20, 50),
     ) -> None:
         super().__init__()
         self.net, self.schema = net, schema
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.ranking = RankingEvaluation(ks)
+
+    def default_monitor(self, evaluation: str) -> str:
+        """Headline validation metric (checkpointing, early stopping, sweeps) under an evaluation kind."""
+        return f"val/ndcg@{min(self.ranking.ks)}" if evaluation == "ranking" else "val/auc"
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -45,26 +55,47 @@ class RecTask(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
 
-    # ---- evaluation: subclasses fill self.metrics[stage] in _eval_step -----------------------------------
-    def _eval_step(self, batch: Batch, stage: str) -> None:
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def _ranking(self) -> bool:
+        return self.trainer.datamodule.evaluation == "ranking"
+
+    def _impression_step(self, batch: Batch, stage: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} evaluates ranking queries only")
+
+    def _impression_end(self, stage: str) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _eval_end(self, stage: str) -> None:
-        values = self.metrics[stage].compute()
+    def _start(self) -> None:
+        if self._ranking():
+            self.ranking.start(self.net, self.trainer.datamodule, self.device)
+
+    def _step(self, batch: Batch, stage: str) -> None:
+        if self._ranking():
+            self.ranking.step(self.net, self.trainer.datamodule, batch, stage)
+        else:
+            self._impression_step(batch, stage)
+
+    def _end(self, stage: str) -> None:
+        values = self.ranking.end(stage) if self._ranking() else self._impression_end(stage)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.metrics[stage].reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start()
+
+    def on_test_epoch_start(self) -> None:
+        self._start()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._step(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
+        self._end("val")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
+        self._end("test")
 
     # ---- checkpoint identity -----------------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -1,11 +1,11 @@
-"""Click-through-rate prediction: pointwise binary cross-entropy on impressions."""
+"""Click-through-rate prediction: pointwise binary cross-entropy on labelled (or negative-sampled) rows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
@@ -14,18 +14,19 @@ from recsys_lab.tasks.base import RecTask
 
 
 class CTRTask(RecTask):
-    """Trains any `forward(batch) -> logits [B]` model on impressions with binary cross-entropy.
+    """Trains any `forward(batch) -> logits [B]` model with binary cross-entropy.
 
-    Logs `train/loss` and, per evaluation stage, `{stage}/auc`, `{stage}/gauc` (per-user, impression-weighted)
-    and `{stage}/logloss`.
+    Evaluation on logged impressions logs `{stage}/auc`, `{stage}/gauc` (per-user, impression-weighted) and
+    `{stage}/logloss`; under a ranking protocol the model scores (query, candidate) pairs and logs the
+    ranking metrics (see `RankingEvaluation`).
 
     Args:
-        net, schema, optimizer, scheduler: see `RecTask`.
-        label: which label to predict ("click"; "purchase" for conversion).
+        net, schema, optimizer, scheduler, ks: see `RecTask`.
+        label: the label to predict; None = the dataset's first label ("click" on the simulator, "label" on
+            implicit data).
     """
 
     view = "ctr"
-    monitor = "val/auc"
 
     def __init__(
         self,
@@ -33,9 +34,11 @@ class CTRTask(RecTask):
         schema: Schema,
         optimizer: Callable,
         scheduler: Callable | None = None,
-        label: str = "click",
+        label: str | None = None,
+        ks: Sequence[int] = (10, 20, 50),
     ) -> None:
-        super().__init__(net, schema, optimizer, scheduler)
+        super().__init__(net, schema, optimizer, scheduler, ks)
+        label = schema.labels[0] if label is None else label
         if label not in schema.labels:
             raise ValueError(f"model.label='{label}' is not a label of this dataset; labels are {schema.labels}")
         self.label = label
@@ -47,6 +50,11 @@ class CTRTask(RecTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def _eval_step(self, batch: Batch, stage: str) -> None:
+    def _impression_step(self, batch: Batch, stage: str) -> None:
         logits = self.net(batch)
         self.metrics[stage].update(logits, batch.labels[self.label], batch.sparse[self.schema.user_id])
+
+    def _impression_end(self, stage: str) -> dict[str, Tensor]:
+        values = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        return values

@@ -1,1 +1,1 @@
-"""Data sources: each turns raw data into a `SourceData` (the one form the DataModule processes)."""
+"""Data sources: each reads raw files (or simulates them) into a `RawData` (see raw.py)."""

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import polars as pl
 
-from recsys_lab.data.sources.base import SourceData
+from recsys_lab.data.sources.raw import RawData
 
 # 2: an empty favourite leaf shows a popular item (version 1 crashed, or repeated one item of another leaf)
 SIMULATOR_VERSION = 2
@@ -158,7 +158,7 @@ class EcommerceSimulator:
         return {"source": self.name, "simulator_version": SIMULATOR_VERSION, **params}
 
     # ------------------------------------------------------------------------------------------------------
-    def load(self) -> SourceData:
+    def load(self) -> RawData:
         p = self.params
         rng = np.random.default_rng(p.seed)
         K = p.latent_dim
@@ -363,15 +363,20 @@ class EcommerceSimulator:
                 "release_ts": release_ts,
             }
         )
-        return SourceData(
+        categorical = ["age", "gender", "region", "pref_device", "cat1", "cat2", "brand", "hour", "weekday", "device"]
+        return RawData(
             interactions=interactions,
             users=users,
-            items=items,
-            vocab_sizes={
-                "user_id": p.n_users, "age": n_age, "gender": n_gender, "region": n_region,
-                "pref_device": len(DEVICES), "item_id": p.n_items, "cat1": n_top, "cat2": n_leaf,
-                "brand": p.n_brands, "hour": 24, "weekday": 7, "device": len(DEVICES),
+            items=items,  # release_ts is no feature: it stays out of the encoded tables
+            features={
+                **dict.fromkeys(categorical, "categorical"),
+                "price": "numeric",
+                "image": "dense_vector",
+                "title": "text",
             },
+            labels=["click", "purchase"],
+            item_text="title",
+            oracle="true_click_prob",
         )
 
     # ------------------------------------------------------------------------------------------------------

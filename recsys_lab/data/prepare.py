@@ -1,0 +1,320 @@
+"""From a source's raw tables to the prepared, encoded form every model consumes.
+
+    raw tables ─ Preprocess (implicit conversion, duplicates, k-core; counted) ─ split ─ vocabularies and
+    normalisers fitted on the training split ─ encoded tables + evaluation queries (+ sampled candidates)
+
+The result (`Prepared`) is cached with a fingerprint of the source files, every protocol setting and the
+code version, so a second run reuses it and a changed config rebuilds it.
+
+Entities and codes: every user/item known to the source has an *entity* index (its row in the entity table);
+its `user_id` / `item_id` feature is a *code* from a vocabulary fitted on the training rows (0 = unknown).
+A cold-start item keeps its own entity row, so its content features describe it, while its id is unknown.
+Ranking candidates are item codes 1..V (the training vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys_lab.data.sources.raw import RawData, SourceError
+from recsys_lab.data.splits import TEST, TRAIN, VAL
+from recsys_lab.data.vocab import encode, encode_lists, fit_vocab, standardise
+
+PREPARE_VERSION = 1
+STAGES = {"train": TRAIN, "val": VAL, "test": TEST}
+MAX_LIST_LEN = 16  # tokens kept per multi-categorical value (e.g. genres of a movie)
+
+
+class DataCacheError(RuntimeError):
+    """A cache folder that is corrupt or was written by another version."""
+
+
+@dataclass
+class Prepared:
+    """Encoded tables of one dataset under one protocol.
+
+    Args:
+        rows: one row per interaction: `user`, `item` (entity indices), `timestamp`, `split` (0/1/2),
+            `positive`, label columns (float32), context columns (codes), optional oracle column.
+        users / items: entity tables; `user_id` / `item_id` codes, categorical codes, numeric and dense
+            columns (standardised), multi-categorical columns as List[int64] of codes, item text.
+        queries: per evaluation stage, one row per ranking query: `user` (entity), `targets` (item codes the
+            user interacted with in the stage and not before), `seen` (codes interacted with before: masked),
+            `candidates` (List of item codes: targets first, then sampled negatives; null for full ranking).
+        meta: feature kinds and sides, vocabulary sizes, labels, normaliser statistics, filter counts, etc.
+    """
+
+    rows: pl.DataFrame
+    users: pl.DataFrame
+    items: pl.DataFrame
+    queries: dict[str, pl.DataFrame]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---- cache ---------------------------------------------------------------------------------------------
+    def save(self, folder: Path, fingerprint: str) -> None:
+        """Write the tables as parquet, then meta.json last: a folder without meta.json is an unfinished write."""
+        folder.mkdir(parents=True, exist_ok=True)
+        frames = {"rows": self.rows, "users": self.users, "items": self.items}
+        frames.update({f"queries_{s}": q for s, q in self.queries.items()})
+        for name, frame in frames.items():
+            frame.write_parquet(folder / f"{name}.parquet")
+        meta = {
+            "format": PREPARE_VERSION,
+            "fingerprint": fingerprint,
+            "row_counts": {k: v.height for k, v in frames.items()},
+            **self.meta,
+        }
+        tmp = folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        tmp.replace(folder / "meta.json")
+
+    @classmethod
+    def load(cls, folder: Path, fingerprint: str) -> Prepared | None:
+        """The cached tables; None when nothing is cached; DataCacheError when the cache cannot be trusted."""
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            return None
+        hint = f"delete the folder {folder} to rebuild it"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataCacheError(f"data cache {meta_path} is corrupt ({err}); {hint}") from err
+        if meta.get("format") != PREPARE_VERSION or meta.get("fingerprint") != fingerprint:
+            raise DataCacheError(
+                f"data cache {folder} was written by another version (format {meta.get('format')}, fingerprint "
+                f"{meta.get('fingerprint')}; expected format {PREPARE_VERSION}, fingerprint {fingerprint}); {hint}"
+            )
+        frames = {}
+        for name, expected in meta["row_counts"].items():
+            path = folder / f"{name}.parquet"
+            try:
+                frames[name] = pl.read_parquet(path)
+            except Exception as err:  # polars raises several error types for truncated or garbled files
+                raise DataCacheError(f"data cache file {path} is corrupt or missing ({err}); {hint}") from err
+            if frames[name].height != expected:
+                raise DataCacheError(
+                    f"data cache file {path} has {frames[name].height} rows, meta.json says {expected}; {hint}"
+                )
+        meta = {k: v for k, v in meta.items() if k not in ("format", "fingerprint", "row_counts")}
+        queries = {s: frames[f"queries_{s}"] for s in ("val", "test") if f"queries_{s}" in frames}
+        return cls(frames["rows"], frames["users"], frames["items"], queries, meta)
+
+
+# ---- preparation -------------------------------------------------------------------------------------------
+def prepare(
+    raw: RawData,
+    preprocess,
+    split,
+    eval_candidates=None,
+    log_dense: list[str] | tuple[str, ...] = (),
+    oracle: str | None = None,
+) -> Prepared:
+    """Filter, split, fit on train and encode `raw` (see the module docstring)."""
+    inter, counts = preprocess(raw.interactions, list(raw.labels))
+    codes = split.assign(inter)
+    inter = inter.with_columns(pl.Series("split", codes, dtype=pl.Int8))
+    for stage, code in STAGES.items():
+        counts[f"{stage}_rows"] = int((codes == code).sum())
+        if counts[f"{stage}_rows"] == 0:
+            raise SourceError(
+                f"data.split ({split.describe()}): the {stage} split is empty after filtering "
+                f"({counts['rows_out']} rows kept)"
+            )
+    kinds = dict(raw.features)
+
+    # entity tables: every user / item known to the source (tables or interactions)
+    users = _entities(raw.users, inter, "user_id")
+    items = _entities(raw.items, inter, "item_id")
+    inter = inter.join(users.select("user_id", pl.int_range(pl.len()).alias("user")), on="user_id", how="left")
+    inter = inter.join(items.select("item_id", pl.int_range(pl.len()).alias("item")), on="item_id", how="left")
+    train = inter.filter(pl.col("split") == TRAIN)
+    train_users = np.unique(train["user"].to_numpy())
+    train_items = np.unique(train["item"].to_numpy())
+
+    meta: dict[str, Any] = {"features": {}, "vocab_sizes": {}, "normalisers": {}, "counts": counts}
+    # ids: vocabularies of the training rows
+    user_vocab = fit_vocab(train["user_id"])
+    item_vocab = fit_vocab(train["item_id"])
+    users = users.with_columns(pl.Series("user_id_code", encode(users["user_id"], user_vocab)))
+    items = items.with_columns(pl.Series("item_id_code", encode(items["item_id"], item_vocab)))
+    meta["vocab_sizes"]["user_id"] = user_vocab.height + 1
+    meta["vocab_sizes"]["item_id"] = item_vocab.height + 1
+
+    users, ufeat = _encode_table(users, "user", kinds, train_users, log_dense, meta)
+    items, ifeat = _encode_table(items, "item", kinds, train_items, log_dense, meta)
+    # context: categorical columns of the interactions themselves
+    context = [c for c, k in kinds.items() if c in inter.columns and k == "categorical"]
+    for col in context:
+        vocab = fit_vocab(train[col].cast(pl.String))
+        inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
+        meta["vocab_sizes"][col] = vocab.height + 1
+        meta["features"][col] = {"kind": "categorical", "side": "context"}
+    meta["features"].update(ufeat)
+    meta["features"].update(ifeat)
+
+    labels = list(raw.labels) or ["label"]
+    if not raw.labels:  # implicit data: the label is the positive flag
+        inter = inter.with_columns(pl.col("positive").cast(pl.Float32).alias("label"))
+    keep = ["user", "item", "timestamp", "split", "positive", *labels, *context]
+    if oracle:
+        keep.append(oracle)
+    rows = inter.select([pl.col(c) for c in keep]).with_columns(
+        [pl.col(c).cast(pl.Float32) for c in labels]
+    )
+
+    # per item code: positives in training (popularity, logQ)
+    n_codes = meta["vocab_sizes"]["item_id"]
+    item_code = items["item_id_code"].to_numpy()
+    pos_train = rows.filter((pl.col("split") == TRAIN) & pl.col("positive"))
+    counts_per_code = np.bincount(item_code[pos_train["item"].to_numpy()], minlength=n_codes).astype(np.float32)
+    counts_per_code[0] = 0.0
+    meta.update(
+        labels=labels,
+        context=context,
+        oracle=oracle,
+        item_text=raw.item_text if raw.item_text in items.columns else None,
+        item_counts=counts_per_code.tolist(),
+        has_negatives={s: bool((~rows.filter(pl.col("split") == c)["positive"]).any()) for s, c in STAGES.items()},
+        split=split.describe(),
+        cutoffs=list(getattr(split, "cutoffs_", ()) or ()),
+    )
+    queries = {s: _queries(rows, item_code, STAGES[s], counts) for s in ("val", "test")}
+    if eval_candidates is not None:
+        queries = {
+            s: _with_candidates(q, rows, item_code, counts_per_code, eval_candidates, s) for s, q in queries.items()
+        }
+    meta["eval_candidates"] = getattr(eval_candidates, "name", "full")
+    return Prepared(rows=rows, users=users, items=items, queries=queries, meta=meta)
+
+
+def _entities(table: pl.DataFrame | None, inter: pl.DataFrame, key: str) -> pl.DataFrame:
+    """The entity table: the source's table plus ids that only occur in interactions (no features)."""
+    ids = inter.select(pl.col(key)).unique()
+    if table is None:
+        return ids.sort(key)
+    if table[key].n_unique() != table.height:
+        raise SourceError(f"the {key.split('_')[0]} table has duplicate '{key}' values")
+    table = table.with_columns(pl.col(key).cast(ids[key].dtype, strict=False))
+    missing = ids.join(table.select(key), on=key, how="anti")
+    return pl.concat([table, missing], how="diagonal_relaxed")
+
+
+def _encode_table(
+    table: pl.DataFrame, side: str, kinds: dict, train_entities: np.ndarray, log_dense, meta: dict
+) -> tuple[pl.DataFrame, dict]:
+    """Encode one entity table's feature columns with statistics of the entities seen in training."""
+    key = f"{side}_id"
+    out = {key: table[key], f"{key}_code": table[f"{key}_code"]}
+    features = {}
+    train_table = table[train_entities]
+    for col in table.columns:
+        kind = kinds.get(col)
+        if col in (key, f"{key}_code") or kind is None:
+            continue
+        if kind == "categorical":
+            vocab = fit_vocab(train_table[col].cast(pl.String))
+            out[col] = pl.Series(col, encode(table[col].cast(pl.String), vocab))
+            meta["vocab_sizes"][col] = vocab.height + 1
+        elif kind == "multi_categorical":
+            tokens = train_table[col].cast(pl.List(pl.String)).explode()
+            vocab = fit_vocab(tokens)
+            lists = table[col].cast(pl.List(pl.String))
+            longest = int(lists.list.len().max() or 1)
+            ids, lengths = encode_lists(lists, vocab, min(longest, MAX_LIST_LEN))
+            out[col] = pl.Series(col, [row[:n].tolist() for row, n in zip(ids, lengths)], dtype=pl.List(pl.Int64))
+            meta["vocab_sizes"][col] = vocab.height + 1
+            features[col] = {"kind": kind, "side": side, "max_len": ids.shape[1]}
+            continue
+        elif kind in ("numeric", "dense_vector"):
+            values = _floats(table[col], kind)
+            values, stats = standardise(values, train_entities, log=col in log_dense, name=col)
+            meta["normalisers"][col] = stats
+            out[col] = pl.Series(col, values) if kind == "numeric" else pl.Series(col, values.tolist())
+            features[col] = {"kind": kind, "side": side, "dim": 1 if values.ndim == 1 else int(values.shape[1])}
+            continue
+        elif kind == "text":
+            out[col] = table[col].cast(pl.String).fill_null("")
+        else:
+            continue
+        features[col] = {"kind": kind, "side": side}
+    return pl.DataFrame(out), features
+
+
+def _floats(column: pl.Series, kind: str) -> np.ndarray:
+    """float64 [N] (numeric) or [N, D] (dense_vector); nulls become NaN (filled after fitting)."""
+    if kind == "numeric":
+        return column.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    present = column.drop_nulls()
+    dim = len(present[0]) if len(present) else 1
+    rows = [np.full(dim, np.nan) if v is None else np.asarray(v, dtype=np.float64) for v in column.to_list()]
+    return np.stack(rows) if rows else np.zeros((0, dim))
+
+
+def _queries(rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict) -> pl.DataFrame:
+    """Ranking queries of one stage: each user with positives in the stage, as of the stage's start.
+
+    The query's history is every positive of the earlier splits (train for validation, train + validation for
+    test); its targets are the distinct known items of its positives in the stage that are not in that
+    history (those are masked as `seen`). Targets whose item is unknown to the training vocabulary cannot be
+    ranked by an id model: they are counted, not silently dropped.
+    """
+    name = "val" if stage == VAL else "test"
+    pos = rows.filter(pl.col("positive")).select("user", "item", "split", "timestamp")
+    pos = pos.with_columns(pl.Series("code", item_code[pos["item"].to_numpy()]))
+    seen = pos.filter(pl.col("split") < stage).group_by("user").agg(pl.col("code").unique().sort().alias("seen"))
+    period = pos.filter(pl.col("split") == stage)
+    unknown = int((period["code"] == 0).sum())
+    targets = (
+        period.filter(pl.col("code") > 0)
+        .join(seen.explode("seen").rename({"seen": "code"}), on=["user", "code"], how="anti")
+        .group_by("user")
+        .agg(pl.col("code").unique().sort().alias("targets"))
+    )
+    queries = targets.join(seen, on="user", how="left").with_columns(
+        pl.col("seen").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
+    )
+    counts[f"{name}_targets_unknown_item"] = unknown
+    counts[f"{name}_users_without_new_targets"] = int(period["user"].n_unique() - queries.height)
+    counts[f"{name}_queries"] = queries.height
+    return queries.sort("user").with_columns(pl.lit(None, dtype=pl.List(pl.Int64)).alias("candidates"))
+
+
+def _with_candidates(queries, rows, item_code, counts_per_code, sampler, stage: str) -> pl.DataFrame:
+    """Draw the sampled candidates once (seeded) and store them with the queries."""
+    from recsys_lab.data.sampling import PositiveSet
+    from recsys_lab.data.store import Ragged
+
+    if queries.height == 0:
+        return queries
+    pos = rows.filter(pl.col("positive"))
+    n_codes = len(counts_per_code)
+    exclude = PositiveSet(
+        torch.as_tensor(pos["user"].to_numpy()), torch.as_tensor(item_code[pos["item"].to_numpy()]), n_codes
+    )
+    lengths = queries["targets"].list.len().to_numpy()
+    targets = Ragged(
+        torch.as_tensor(queries["targets"].explode().to_numpy().astype(np.int64)),
+        torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+    )
+    allowed = torch.ones(n_codes, dtype=torch.bool)
+    allowed[0] = False
+    cands = sampler.candidates(
+        torch.as_tensor(queries["user"].to_numpy()),
+        targets,
+        exclude,
+        n_codes,
+        torch.as_tensor(counts_per_code),
+        allowed,
+    )
+    if cands is None:
+        return queries
+    values, offsets = cands.values.numpy(), cands.offsets.numpy()
+    lists = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+    return queries.with_columns(pl.Series("candidates", lists, dtype=pl.List(pl.Int64)))

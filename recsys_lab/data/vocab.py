@@ -1,0 +1,59 @@
+"""Vocabularies and normalisers, fitted on the training split only and applied to every split.
+
+Code 0 of every vocabulary is "unknown": values never seen in training (a cold-start item's id, a new
+user, a null) map to it, so a model never sees an id it could not have learned in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+UNKNOWN = 0
+
+
+def fit_vocab(train_values: pl.Series) -> pl.DataFrame:
+    """value -> code (1..V) for the distinct non-null training values, sorted for determinism."""
+    values = train_values.drop_nulls().unique().sort()
+    return pl.DataFrame({"value": values, "code": np.arange(1, len(values) + 1, dtype=np.int64)})
+
+
+def encode(values: pl.Series, vocab: pl.DataFrame) -> np.ndarray:
+    """int64 codes of `values` under `vocab`; unseen values and nulls get UNKNOWN."""
+    frame = pl.DataFrame({"value": values.cast(vocab["value"].dtype, strict=False)})
+    codes = frame.join(vocab, on="value", how="left", maintain_order="left")["code"]
+    return codes.fill_null(UNKNOWN).to_numpy().astype(np.int64)
+
+
+def encode_lists(values: pl.Series, vocab: pl.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A List[str] column as right-padded codes [N, max_len] and lengths [N] (unseen tokens dropped, so a
+    list of only unseen tokens has length 0; lists are truncated to max_len)."""
+    n = len(values)
+    exploded = pl.DataFrame({"row": np.arange(n), "value": values}).explode("value").drop_nulls("value")
+    exploded = exploded.with_columns(pl.col("value").cast(vocab["value"].dtype, strict=False))
+    coded = exploded.join(vocab, on="value", how="inner", maintain_order="left")
+    coded = coded.with_columns(pl.col("row").cum_count().over("row").alias("pos") - 1)
+    coded = coded.filter(pl.col("pos") < max_len)
+    ids = np.zeros((n, max(max_len, 1)), dtype=np.int64)
+    rows, pos = coded["row"].to_numpy(), coded["pos"].to_numpy()
+    ids[rows, pos] = coded["code"].to_numpy()
+    lengths = np.bincount(rows, minlength=n).astype(np.int64)
+    return ids[:, :max_len], lengths
+
+
+def standardise(
+    values: np.ndarray, train_rows: np.ndarray, log: bool = False, name: str = ""
+) -> tuple[np.ndarray, dict]:
+    """Standardise a float column [N] or [N, D] with the mean/std of `train_rows`; nulls (NaN) become the
+    training mean (0 after standardising). Returns values and the fitted statistics."""
+    values = np.asarray(values, dtype=np.float64)
+    if log:
+        if np.nanmin(values) < 0:
+            raise ValueError(f"data.log_dense: column '{name}' has negative values; log1p needs values >= 0")
+        values = np.log1p(values)
+    fit = values[train_rows]
+    mean = np.nanmean(fit, axis=0) if len(fit) else np.zeros(values.shape[1:])
+    std = np.nanstd(fit, axis=0) if len(fit) else np.ones(values.shape[1:])
+    mean, std = np.nan_to_num(mean), np.nan_to_num(std) + 1e-6
+    out = np.nan_to_num((values - mean) / std, nan=0.0).astype(np.float32)
+    return out, {"mean": np.atleast_1d(mean).tolist(), "std": np.atleast_1d(std).tolist(), "log1p": log}

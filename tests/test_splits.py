@@ -1,0 +1,208 @@
+"""Split protocols on hand-computed toys: temporal cutoffs, leave-one-out with ties and negatives, RecBole's
+per-user ratio counts and reproducibility, pre-split validation; plus leave-one-out against a slow reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys_lab.data.sources.raw import SourceError
+from recsys_lab.data.splits import (
+    TEST,
+    TRAIN,
+    VAL,
+    LeaveOneOutSplit,
+    PreSplit,
+    RandomRatioSplit,
+    TemporalSplit,
+)
+
+T, V, S = TRAIN, VAL, TEST  # short names for the literal expectations
+
+
+# --- temporal ---------------------------------------------------------------------------------------------------
+def test_temporal_cutoffs_and_row_order():
+    ts = np.array([10, 3, 1, 9, 5, 2, 8, 4, 7, 6])  # 1..10 shuffled
+    inter = pl.DataFrame({"user_id": np.zeros(10, int), "timestamp": ts})
+    split = TemporalSplit(val_fraction=0.2, test_fraction=0.2)
+    codes = split.assign(inter)
+    # np.quantile (linear) of 1..10 at 0.6: 1 + 9 * 0.6 = 6.4 -> ceil 7; at 0.8: 1 + 9 * 0.8 = 8.2 -> ceil 9
+    assert split.cutoffs_ == (7, 9)
+    # t < 7 train, 7 <= t < 9 val, t >= 9 test, in the input's row order
+    assert codes.tolist() == [S, T, T, S, T, T, V, T, V, T]
+    assert codes.dtype == np.int8
+
+
+def test_temporal_ties_share_a_period():
+    inter = pl.DataFrame({"timestamp": [1, 2, 3, 4, 5, 6, 6, 6, 9, 10]})
+    split = TemporalSplit(val_fraction=0.2, test_fraction=0.2)
+    codes = split.assign(inter)
+    # quantile 0.6: position 5.4 between 6 and 6 -> 6.0, cutoff 6; quantile 0.8: position 7.2 between 6 and 9
+    # -> 6.6, cutoff 7. All three rows at t=6 validate (3 rows, not the nominal 2).
+    assert split.cutoffs_ == (6, 7)
+    assert codes.tolist() == [T, T, T, T, T, V, V, V, S, S]
+    assert split.describe() == {"split": "temporal", "val_fraction": 0.2, "test_fraction": 0.2}
+
+
+def test_temporal_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        TemporalSplit(val_fraction=0.5, test_fraction=0.5)
+
+
+# --- leave-one-out ----------------------------------------------------------------------------------------------
+def test_leave_one_out_with_ties_negatives_and_short_users():
+    # row user ts positive
+    rows = [
+        (
+            0,
+            "A",
+            5,
+            True,
+        ),  # A's positives in (time, row) order: row 3 (t1), row 1 (t3), row 0 (t5), row 2 (t5)
+        (
+            1,
+            "A",
+            3,
+            True,
+        ),  # -> n_pos = 4: rows 3 and 1 train, row 0 val, row 2 test (tie at t5: row 2 is later)
+        (2, "A", 5, True),
+        (3, "A", 1, True),
+        (4, "A", 4, False),  # after A's last train positive (row 1, t3), before the val positive: val
+        (5, "B", 2, True),  # B has 2 positives: everything stays in train
+        (6, "B", 1, True),
+        (7, "C", 1, True),  # C in time order: + - + + - + -  (n_pos = 4)
+        (8, "C", 2, False),  # before C's last train positive (row 9, t3): train
+        (9, "C", 3, True),  # train
+        (10, "C", 4, True),  # second-to-last positive: val
+        (11, "C", 5, False),  # after the val positive: test
+        (12, "C", 6, True),  # last positive: test
+        (13, "C", 7, False),  # after the test positive: test
+        (14, "B", 3, False),  # B is short: train
+    ]
+    inter = pl.DataFrame(
+        {"user_id": [r[1] for r in rows], "timestamp": [r[2] for r in rows], "positive": [r[3] for r in rows]}
+    )
+    codes = LeaveOneOutSplit().assign(inter)
+    assert codes.tolist() == [V, T, S, T, V, T, T, T, T, T, V, S, S, S, T]
+    assert codes.dtype == np.int8
+
+
+def reference_loo(users, ts, positive) -> list[int]:
+    """Slow per-user loop: sort by (time, row), then walk the rows counting positives."""
+    out = [TRAIN] * len(users)
+    for u in set(users):
+        rows = sorted((r for r in range(len(users)) if users[r] == u), key=lambda r: (ts[r], r))
+        n_pos = sum(positive[r] for r in rows)
+        if n_pos < 3:
+            continue
+        seen = 0
+        for r in rows:
+            if positive[r]:
+                out[r] = TEST if seen == n_pos - 1 else VAL if seen == n_pos - 2 else TRAIN
+            else:  # negatives: train before the last train positive, val up to the val positive, test after
+                out[r] = TEST if seen >= n_pos - 1 else VAL if seen == n_pos - 2 else TRAIN
+            seen += positive[r]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_leave_one_out_matches_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    users, ts, positive = rng.integers(0, 50, n), rng.integers(0, 30, n), rng.random(n) < 0.6  # many ties
+    inter = pl.DataFrame({"user_id": users, "timestamp": ts, "positive": positive})
+    expected = reference_loo(users.tolist(), ts.tolist(), positive.tolist())
+    assert LeaveOneOutSplit().assign(inter).tolist() == expected
+
+
+# --- random ratio -----------------------------------------------------------------------------------------------
+def random_toy(sizes: dict[str, int]) -> pl.DataFrame:
+    users = [u for u, n in sizes.items() for _ in range(n)]
+    rng = np.random.default_rng(123)
+    return pl.DataFrame({"user_id": rng.permutation(users)})  # users interleaved
+
+
+def per_user_counts(inter: pl.DataFrame, codes: np.ndarray) -> dict[str, list[int]]:
+    out = (
+        inter.with_columns(pl.Series("code", codes))
+        .group_by("user_id")
+        .agg(*(pl.col("code").eq(c).sum().alias(str(c)) for c in (TRAIN, VAL, TEST)))
+    )
+    return {u: [t, v, s] for u, t, v, s in out.sort("user_id").iter_rows()}
+
+
+def test_random_ratio_counts_follow_recbole():
+    # RecBole's _calcu_split_ids for 8:1:1 and n rows: val = floor(0.1 n), test = floor(0.1 n), train = rest;
+    # then test, then val, take one row from train if 0 < 0.1 n < 1 and train still has more than one row.
+    #   n=10: 1, 1 -> 8/1/1      n=20: 2, 2 -> 16/2/2     n=15: floor(1.5) = 1 -> 13/1/1
+    #   n=7:  0, 0 -> test +1 (train 6), val +1 (train 5) -> 5/1/1      n=3: 0, 0 -> 1/1/1
+    #   n=2:  0, 0 -> test +1 (train 1), val: train is 1, no more -> 1/0/1      n=1: train is 1 -> 1/0/0
+    sizes = {"a": 10, "b": 20, "c": 15, "d": 7, "e": 3, "f": 2, "g": 1}
+    inter = random_toy(sizes)
+    codes = RandomRatioSplit(ratios=(0.8, 0.1, 0.1), seed=0).assign(inter)
+    assert per_user_counts(inter, codes) == {
+        "a": [8, 1, 1],
+        "b": [16, 2, 2],
+        "c": [13, 1, 1],
+        "d": [5, 1, 1],
+        "e": [1, 1, 1],
+        "f": [1, 0, 1],
+        "g": [1, 0, 0],
+    }
+    # weights are normalised: 3:1:1 is 0.6/0.2/0.2 -> n=10: 6/2/2, n=20: 12/4/4
+    codes = RandomRatioSplit(ratios=(3, 1, 1), seed=0).assign(inter)
+    assert per_user_counts(inter, codes)["a"] == [6, 2, 2]
+    assert per_user_counts(inter, codes)["b"] == [12, 4, 4]
+
+
+def test_random_ratio_is_seeded_and_random():
+    inter = pl.DataFrame({"user_id": np.zeros(10, int), "item_id": np.arange(10)})  # one user, 10 rows
+    first = RandomRatioSplit(seed=7).assign(inter)
+    assert np.array_equal(first, RandomRatioSplit(seed=7).assign(inter))
+    assert sorted(first.tolist()) == [T] * 8 + [V, S]  # 8/1/1
+    # other seeds pick other held-out rows: over 20 seeds the (val, test) rows are not all the same
+    held = {tuple(np.flatnonzero(RandomRatioSplit(seed=s).assign(inter) != TRAIN)) for s in range(20)}
+    assert len(held) > 5
+    assert RandomRatioSplit(seed=3).describe() == {
+        "split": "random_ratio",
+        "ratios": [0.8, 0.1, 0.1],
+        "split_seed": 3,
+    }
+
+
+def test_random_ratio_rejects_bad_ratios():
+    with pytest.raises(ValueError, match="three non-negative weights"):
+        RandomRatioSplit(ratios=(0.9, 0.1))
+    with pytest.raises(ValueError, match="positive train weight"):
+        RandomRatioSplit(ratios=(0, 0.5, 0.5))
+
+
+# --- pre-split --------------------------------------------------------------------------------------------------
+def test_pre_split_codes():
+    inter = pl.DataFrame({"split": ["train", "test", "val", "train"]})
+    assert PreSplit().assign(inter).tolist() == [T, S, V, T]
+    categorical = pl.DataFrame({"fold": pl.Series(["val", "train"], dtype=pl.Categorical)})
+    assert PreSplit(column="fold").assign(categorical).tolist() == [V, T]
+    assert PreSplit().describe() == {"split": "pre_split", "split_column": "split"}
+
+
+def test_pre_split_errors_name_value_and_count():
+    inter = pl.DataFrame({"split": ["train", "valid", "valid", None, "test"]})
+    with pytest.raises(
+        SourceError, match=r"column 'split' has values other than .*'valid' in 2 rows, null in 1 row"
+    ):
+        PreSplit().assign(inter)
+    with pytest.raises(SourceError, match=r"lack column\(s\) \['fold'\]"):
+        PreSplit(column="fold").assign(inter)
+    with pytest.raises(SourceError, match="has dtype Int64"):
+        PreSplit().assign(pl.DataFrame({"split": [0, 1, 2]}))
+
+
+def test_every_protocol_rejects_empty_input():
+    empty = pl.DataFrame(
+        schema={"user_id": pl.Int64, "timestamp": pl.Int64, "positive": pl.Boolean, "split": pl.String}
+    )
+    for split in (TemporalSplit(), LeaveOneOutSplit(), RandomRatioSplit(), PreSplit()):
+        with pytest.raises(SourceError, match="no interactions to split"):
+            split.assign(empty)
