@@ -1,4 +1,4 @@
-"""The e-commerce simulator: determinism, time order, cold-start releases, label sanity and its oracle signal."""
+"""The e-commerce simulator: its `RawData` declarations, determinism, time order, cold-start releases, label sanity and its oracle signal."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from recsys_lab.data.sources.simulator import SECONDS_PER_DAY, EcommerceSimulator
+from recsys_lab.data.sources.raw import FEATURE_KINDS, RawData
+from recsys_lab.data.sources.simulator import CATEGORY_TREE, SECONDS_PER_DAY, EcommerceSimulator
 
 SMALL = {"n_users": 300, "n_items": 200, "impressions_per_user": 20}
+USER_COLS = ["age", "gender", "region", "pref_device"]
+ITEM_CATS = ["cat1", "cat2", "brand"]
+CONTEXT_COLS = ["hour", "weekday", "device"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,8 @@ def test_deterministic_for_a_seed(data):
     again = EcommerceSimulator(**SMALL, seed=0).load()
     for name in ("interactions", "users", "items"):
         assert getattr(again, name).equals(getattr(data, name)), name
-    assert again.vocab_sizes == data.vocab_sizes
+    for name in ("features", "labels", "item_text", "oracle", "files"):
+        assert getattr(again, name) == getattr(data, name), name
     assert (
         EcommerceSimulator(**SMALL, seed=0).fingerprint() == EcommerceSimulator(**SMALL, seed=0).fingerprint()
     )
@@ -33,19 +38,68 @@ def test_deterministic_for_a_seed(data):
     assert not other_data.items.equals(data.items)
 
 
-def test_tables_shapes_and_vocabularies(data):
+def test_raw_data_declarations(data):
+    """The simulator declares what every column is; protocol choices (vocabularies, splits) happen downstream."""
+    assert isinstance(data, RawData)
+    assert data.features == {
+        **dict.fromkeys(USER_COLS + ITEM_CATS + CONTEXT_COLS, "categorical"),
+        "price": "numeric",
+        "image": "dense_vector",
+        "title": "text",
+    }
+    assert set(data.features.values()) <= set(FEATURE_KINDS)
+    assert data.labels == ["click", "purchase"]
+    assert data.oracle == "true_click_prob" and data.oracle in data.interactions.columns
+    assert data.item_text == "title" and data.items[data.item_text].dtype == pl.String
+    assert not hasattr(data, "vocab_sizes")  # vocabularies are fitted on training rows by `prepare`
+    # every declared feature is a column of exactly one table; ids, labels, the oracle and the release time are not
+    tables = {"interactions": data.interactions, "users": data.users, "items": data.items}
+    for col in data.features:
+        assert sum(col in t.columns for t in tables.values()) == 1, col
+    assert set(data.users.columns) == {"user_id", *USER_COLS}
+    assert set(data.items.columns) == {"item_id", *ITEM_CATS, "price", "image", "title", "release_ts"}
+    assert set(data.interactions.columns) == {
+        "user_id",
+        "item_id",
+        "timestamp",
+        *CONTEXT_COLS,
+        *data.labels,
+        data.oracle,
+    }
+    for col in ("release_ts", "user_id", "item_id", "timestamp", *data.labels, data.oracle):
+        assert col not in data.features, col
+
+
+def test_tables_shapes_and_value_ranges(data):
     inter, users, items = data.interactions, data.users, data.items
     assert users["user_id"].to_list() == list(range(300))
     assert items["item_id"].to_list() == list(range(200))
     assert 300 * 3 <= inter.height <= 300 * 20 * 2  # every user has >= 3 impressions; mean about 20
     assert inter["user_id"].n_unique() == 300
-    for frame in (inter, users, items):
-        for col in frame.columns:
-            if col in data.vocab_sizes:
-                assert frame[col].min() >= 0 and frame[col].max() < data.vocab_sizes[col], col
-    assert data.vocab_sizes["user_id"] == 300 and data.vocab_sizes["item_id"] == 200
+    assert inter["user_id"].min() >= 0 and inter["user_id"].max() < 300
+    assert inter["item_id"].min() >= 0 and inter["item_id"].max() < 200
+    # categorical columns are small non-negative integers within their generator's ranges
+    ranges = {"age": 6, "gender": 3, "region": 8, "pref_device": 3, "cat1": 8, "cat2": 40, "brand": 80}
+    ranges |= {"hour": 24, "weekday": 7, "device": 3}
+    frames = {**dict.fromkeys(USER_COLS, users), **dict.fromkeys(ITEM_CATS, items)}
+    frames |= dict.fromkeys(CONTEXT_COLS, inter)
+    for col, n in ranges.items():
+        values = frames[col][col]
+        assert values.dtype.is_integer() and values.null_count() == 0, col
+        assert values.min() >= 0 and values.max() < n, col
+    assert users["gender"].n_unique() == 3 and inter["hour"].n_unique() == 24 and inter["weekday"].n_unique() == 7
+    # the category tree: a leaf (cat2) belongs to one top category (cat1); a brand to one top category
+    assert items.group_by("cat2").agg(pl.col("cat1").n_unique())["cat1"].max() == 1
+    assert items.group_by("brand").agg(pl.col("cat1").n_unique())["cat1"].max() == 1
     assert items["image"].to_numpy().shape == (200, 16)
+    assert items["image"].dtype == pl.Array(pl.Float32, 16) or items["image"].dtype == pl.List(pl.Float32)
     assert (items["price"] > 0).all()
+    # item text: brand, two factor words, then the leaf and its top category, which match cat2/cat1
+    leaves = [(top, leaf) for top, ls in CATEGORY_TREE.items() for leaf in ls]
+    for title, cat1, cat2 in items.select("title", "cat1", "cat2").iter_rows():
+        top, leaf = leaves[cat2]
+        assert title.endswith(f" {leaf} ({top})"), title
+        assert list(CATEGORY_TREE).index(top) == cat1
     # hour/weekday are the timestamp's (day 0 is a Thursday)
     ts = inter["timestamp"].to_numpy()
     assert np.array_equal(inter["hour"].to_numpy(), (ts % SECONDS_PER_DAY) // 3600)
