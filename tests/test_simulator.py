@@ -87,7 +87,11 @@ def test_tables_shapes_and_value_ranges(data):
         values = frames[col][col]
         assert values.dtype.is_integer() and values.null_count() == 0, col
         assert values.min() >= 0 and values.max() < n, col
-    assert users["gender"].n_unique() == 3 and inter["hour"].n_unique() == 24 and inter["weekday"].n_unique() == 7
+    assert (
+        users["gender"].n_unique() == 3
+        and inter["hour"].n_unique() == 24
+        and inter["weekday"].n_unique() == 7
+    )
     # the category tree: a leaf (cat2) belongs to one top category (cat1); a brand to one top category
     assert items.group_by("cat2").agg(pl.col("cat1").n_unique())["cat1"].max() == 1
     assert items.group_by("brand").agg(pl.col("cat1").n_unique())["cat1"].max() == 1

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from recsys_lab.data.audit import audit
-from recsys_lab.data.batch import Batch, Seq
+from recsys_lab.data.batch import Batch
 from recsys_lab.data.prepare import PREPARE_VERSION, STAGES, Prepared, prepare
 from recsys_lab.data.processing import Preprocess
 from recsys_lab.data.schema import Feature, Schema
@@ -237,6 +237,8 @@ class RecDataModule(pl_.LightningDataModule):
     def _build(self, p: Prepared) -> None:
         meta = p.meta
         self.meta = meta
+        if meta.get("cutoffs") and getattr(self.split, "cutoffs_", None) is None:
+            self.split.cutoffs_ = tuple(meta["cutoffs"])  # cached data: `assign` did not run in this process
         features = meta["features"]
         for name in self.history_features:
             if features.get(name, {}).get("kind") != "categorical" or features[name]["side"] != "item":

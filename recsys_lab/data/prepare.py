@@ -228,7 +228,7 @@ def _encode_table(
             lists = table[col].cast(pl.List(pl.String))
             longest = int(lists.list.len().max() or 1)
             ids, lengths = encode_lists(lists, vocab, min(longest, MAX_LIST_LEN))
-            out[col] = pl.Series(col, [row[:n].tolist() for row, n in zip(ids, lengths)], dtype=pl.List(pl.Int64))
+            out[col] = pl.Series(col, [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)], dtype=pl.List(pl.Int64))
             meta["vocab_sizes"][col] = vocab.height + 1
             features[col] = {"kind": kind, "side": side, "max_len": ids.shape[1]}
             continue
