@@ -37,9 +37,13 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     # Objects are passed by calling partials: Hydra would turn a dataclass kwarg (the Schema) into a config.
-    net = hydra.utils.instantiate(cfg.model.net, _partial_=True, _convert_="partial")(schema=datamodule.schema)
+    net = hydra.utils.instantiate(cfg.model.net, _partial_=True, _convert_="partial")(
+        schema=datamodule.schema
+    )
     task_cfg = {k: v for k, v in cfg.model.items() if k != "net"}
-    task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(net=net, schema=datamodule.schema)
+    task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(
+        net=net, schema=datamodule.schema
+    )
     datamodule.set_view(task.view)
     return datamodule, task
 
@@ -75,7 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+            metrics.update(
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            )
             if datamodule.evaluation == "impressions":
                 reference = {f"test/{k}": v for k, v in datamodule.reference_metrics("test").items()}
                 metrics.update(reference)
@@ -90,7 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "git_commit": commit,
             "data_fingerprint": run_info["data_fingerprint"],
             "protocol": run_info["protocol"],
-            "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+            "best_checkpoint": trainer.checkpoint_callback.best_model_path
+            if trainer.checkpoint_callback
+            else None,
             "output_dir": str(output_dir),
         }
         write_results(results, output_dir)

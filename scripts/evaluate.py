@@ -28,7 +28,9 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not a readable PyTorch checkpoint ({err})") from err
     run = checkpoint.get("recsys_lab_run")
     if run is None:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not written by recsys_lab's train.py (no run metadata)")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: not written by recsys_lab's train.py (no run metadata)"
+        )
     if cfg.stage not in ("val", "test"):
         raise ConfigError(f"stage={cfg.stage}: expected 'val' or 'test'")
     run_cfg = OmegaConf.create(run["config"])
@@ -36,7 +38,11 @@ def evaluate(cfg: DictConfig) -> dict:
     pl.seed_everything(run_cfg.seed, workers=True)
     datamodule, task = build(run_cfg)
     trainer_cfg = OmegaConf.merge(
-        {k: v for k, v in run_cfg.trainer.items() if k in ("_target_", "accelerator", "devices", "precision")},
+        {
+            k: v
+            for k, v in run_cfg.trainer.items()
+            if k in ("_target_", "accelerator", "devices", "precision")
+        },
         {"logger": False, "enable_progress_bar": False, "default_root_dir": cfg.paths.output_dir},
         cfg.trainer,
     )

@@ -19,7 +19,9 @@ def test_din_closes_half_the_gap_to_the_oracle(make_cfg):
 def test_two_tower_beats_popularity_on_recall_at_50(make_cfg, tmp_path):
     tower = train(make_cfg(["model=two_tower", *DEFAULT_DATA], run_dir=tmp_path / "tower"))
     pop = train(
-        make_cfg(["model=popularity_retrieval", *DEFAULT_DATA, "trainer.max_epochs=1"], run_dir=tmp_path / "pop")
+        make_cfg(
+            ["model=popularity_retrieval", *DEFAULT_DATA, "trainer.max_epochs=1"], run_dir=tmp_path / "pop"
+        )
     )
     # both were scored on the same queries under the same protocol
     assert tower["protocol"]["test_queries"] == pop["protocol"]["test_queries"] > 500

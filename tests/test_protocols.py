@@ -76,7 +76,9 @@ def decode(dm: RecDataModule, codes) -> list[int]:
 
 def dm_items(dm: RecDataModule) -> dict[int, int]:
     prepared = dm._prepared()
-    return dict(zip(prepared.items["item_id_code"].to_list(), prepared.items["item_id"].to_list(), strict=True))
+    return dict(
+        zip(prepared.items["item_id_code"].to_list(), prepared.items["item_id"].to_list(), strict=True)
+    )
 
 
 def test_leave_one_out_queries_and_histories_by_hand(tmp_path):
@@ -107,7 +109,11 @@ def test_leave_one_out_queries_and_histories_by_hand(tmp_path):
 def test_leave_one_out_ranking_targets_by_hand(tmp_path):
     # more training data so that held-out items are known: d and e click 1..5 in training (then 6, 7 held out)
     extra = pl.DataFrame(
-        {"user_id": ["d"] * 7 + ["e"] * 7, "item_id": [1, 2, 3, 4, 5, 6, 7] * 2, "timestamp": list(range(10, 24))}
+        {
+            "user_id": ["d"] * 7 + ["e"] * 7,
+            "item_id": [1, 2, 3, 4, 5, 6, 7] * 2,
+            "timestamp": list(range(10, 24)),
+        }
     )
     dm = toy_module(tmp_path, interactions=pl.concat([toy(), extra]))
     q = dm.queries["test"]
@@ -130,12 +136,18 @@ def test_leave_one_out_ranking_targets_by_hand(tmp_path):
 
 def test_audit_catches_a_leaky_pre_split(tmp_path):
     # the same interaction (a, 4, t=4) is listed in the training file and in the test file
-    inter = toy().with_columns(pl.Series("split", ["train", "train", "val", "test", "train", "val", "test", "train", "val", "test"]))
-    leaky = pl.concat([inter, inter.filter(pl.col("split") == "test").with_columns(pl.lit("train").alias("split"))])
+    inter = toy().with_columns(
+        pl.Series("split", ["train", "train", "val", "test", "train", "val", "test", "train", "val", "test"])
+    )
+    leaky = pl.concat(
+        [inter, inter.filter(pl.col("split") == "test").with_columns(pl.lit("train").alias("split"))]
+    )
     with pytest.raises(LeakageError, match="training rows are also validation/test interactions"):
         toy_module(tmp_path, split=PreSplit(), interactions=leaky, preprocess=Preprocess(deduplicate="none"))
     # without the duplicate the same files pass
-    ok = toy_module(tmp_path / "ok", split=PreSplit(), interactions=inter, preprocess=Preprocess(deduplicate="none"))
+    ok = toy_module(
+        tmp_path / "ok", split=PreSplit(), interactions=inter, preprocess=Preprocess(deduplicate="none")
+    )
     assert ok.audit_report["status"] == "passed"
 
 
@@ -149,7 +161,12 @@ def test_audit_catches_training_histories_built_from_the_future(tmp_path):
             "timestamp": np.tile(np.arange(10), 20),
         }
     )
-    dm = toy_module(tmp_path, split=RandomRatioSplit(seed=0), interactions=inter, preprocess=Preprocess(deduplicate="none"))
+    dm = toy_module(
+        tmp_path,
+        split=RandomRatioSplit(seed=0),
+        interactions=inter,
+        preprocess=Preprocess(deduplicate="none"),
+    )
     assert dm.audit_report["status"] == "passed"
     # a buggy pipeline that builds training histories from every earlier click, held-out ones included
     rows = dm._prepared().rows
@@ -184,7 +201,12 @@ def write_ml100k(folder: Path, rng: np.random.Generator, users: int = 30, items:
     return folder
 
 
-SMALL_PROTOCOL = ["logger=none", "data.preprocess.user_core=0", "data.preprocess.item_core=0", "trainer.max_epochs=1"]
+SMALL_PROTOCOL = [
+    "logger=none",
+    "data.preprocess.user_core=0",
+    "data.preprocess.item_core=0",
+    "trainer.max_epochs=1",
+]
 
 
 @pytest.mark.parametrize("model", ["din", "two_tower"])
@@ -192,11 +214,19 @@ SMALL_PROTOCOL = ["logger=none", "data.preprocess.user_core=0", "data.preprocess
 def test_movielens_fixture_trains_under_each_protocol(model, candidates, make_cfg, tmp_path):
     folder = write_ml100k(tmp_path / "ml", np.random.default_rng(0))
     cfg = make_cfg(
-        [f"model={model}", "data=movielens", f"data.path={folder}", f"data.eval_candidates={candidates}", *SMALL_PROTOCOL]
+        [
+            f"model={model}",
+            "data=movielens",
+            f"data.path={folder}",
+            f"data.eval_candidates={candidates}",
+            *SMALL_PROTOCOL,
+        ]
     )
     results = train(cfg)
     p, m = results["protocol"], results["metrics"]
-    assert p["split"] == "leave_one_out" and p["eval_candidates"] == candidates and p["evaluation"] == "ranking"
+    assert (
+        p["split"] == "leave_one_out" and p["eval_candidates"] == candidates and p["evaluation"] == "ranking"
+    )
     assert p["leakage_audit"]["status"] == "passed"
     assert p["rows_in"] == 30 * 12 and p["test_queries"] + p["test_users_without_new_targets"] <= 30
     for k in (10, 20, 50):
@@ -222,8 +252,16 @@ def test_atomic_and_tabular_sources_train(make_cfg, tmp_path):
         + "\n"
     )
     r1 = train(
-        make_cfg(["model=two_tower", "data=atomic", "data.source.name=toy", f"data.path={atomic}", *SMALL_PROTOCOL],
-                 run_dir=tmp_path / "r1")
+        make_cfg(
+            [
+                "model=two_tower",
+                "data=atomic",
+                "data.source.name=toy",
+                f"data.path={atomic}",
+                *SMALL_PROTOCOL,
+            ],
+            run_dir=tmp_path / "r1",
+        )
     )
     assert r1["protocol"]["source"] == "atomic-toy" and r1["protocol"]["leakage_audit"]["status"] == "passed"
     assert "test/ndcg@10" in r1["metrics"]
@@ -234,8 +272,15 @@ def test_atomic_and_tabular_sources_train(make_cfg, tmp_path):
     frame.write_csv(tmp_path / "clicks.csv")
     r2 = train(
         make_cfg(
-            ["model=din", "data=tabular", f"data.path={tmp_path / 'clicks.csv'}", "data.source.columns.user=uid",
-             "data.source.columns.item=sku", "data.source.columns.timestamp=when", *SMALL_PROTOCOL],
+            [
+                "model=din",
+                "data=tabular",
+                f"data.path={tmp_path / 'clicks.csv'}",
+                "data.source.columns.user=uid",
+                "data.source.columns.item=sku",
+                "data.source.columns.timestamp=when",
+                *SMALL_PROTOCOL,
+            ],
             run_dir=tmp_path / "r2",
         )
     )
@@ -248,20 +293,32 @@ def test_amazon_2023_source_trains(make_cfg, tmp_path):
     folder = tmp_path / "amazon"
     folder.mkdir()
     reviews = [
-        {"user_id": f"U{u}", "parent_asin": f"B{i:03d}", "rating": float(rng.integers(1, 6)), "timestamp": 1_600_000_000_000 + 1000 * (10 * u + k)}
+        {
+            "user_id": f"U{u}",
+            "parent_asin": f"B{i:03d}",
+            "rating": float(rng.integers(1, 6)),
+            "timestamp": 1_600_000_000_000 + 1000 * (10 * u + k),
+        }
         for u in range(20)
         for k, i in enumerate(rng.choice(25, size=7, replace=False))
     ]
     meta = [
-        {"parent_asin": f"B{i:03d}", "title": f"Game {i}", "categories": ["Video Games", f"Genre{i % 3}"],
-         "store": f"Studio{i % 4}", "price": None if i % 5 == 0 else 9.99 + i}
+        {
+            "parent_asin": f"B{i:03d}",
+            "title": f"Game {i}",
+            "categories": ["Video Games", f"Genre{i % 3}"],
+            "store": f"Studio{i % 4}",
+            "price": None if i % 5 == 0 else 9.99 + i,
+        }
         for i in range(25)
     ]
     for name, records in (("Video_Games.jsonl.gz", reviews), ("meta_Video_Games.jsonl.gz", meta)):
         with gzip.open(folder / name, "wt") as f:
             f.write("\n".join(json.dumps(r) for r in records) + "\n")
     results = train(
-        make_cfg(["model=din", "data=amazon", "data.source.year=2023", f"data.path={folder}", *SMALL_PROTOCOL])
+        make_cfg(
+            ["model=din", "data=amazon", "data.source.year=2023", f"data.path={folder}", *SMALL_PROTOCOL]
+        )
     )
     assert results["protocol"]["rows_in"] == 140
     assert 0.0 <= results["metrics"]["test/recall@10"] <= 1.0
@@ -270,7 +327,9 @@ def test_amazon_2023_source_trains(make_cfg, tmp_path):
 @pytest.mark.skipif(not ML100K.exists(), reason="shared MovieLens-100K copy not present")
 def test_real_movielens_100k_prepares_leak_free(make_cfg):
     results = train(
-        make_cfg(["model=two_tower", "data=movielens", f"data.path={ML100K}", "logger=none", "debug=fast_dev_run"])
+        make_cfg(
+            ["model=two_tower", "data=movielens", f"data.path={ML100K}", "logger=none", "debug=fast_dev_run"]
+        )
     )
     p = results["protocol"]
     assert p["rows_in"] == 100_000 and p["users_out"] == 943

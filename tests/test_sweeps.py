@@ -18,7 +18,11 @@ FAST = [*SMALL_DATA, "logger=none", "trainer.max_epochs=1", "trainer.enable_prog
 def run_cli(args: list[str], tmp_path, data_dir) -> subprocess.CompletedProcess:
     env = {**os.environ, "RECSYS_LAB_DATA": str(data_dir), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -28,9 +32,14 @@ def run_cli(args: list[str], tmp_path, data_dir) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_grid_multirun_models_by_seeds(tmp_path, data_dir):
     run_cli(["-m", "model=din,two_tower", "seed=1,2", *FAST], tmp_path, data_dir)
-    results = [json.loads(p.read_text()) for p in (tmp_path / "logs").glob("train/multiruns/*/*/results.json")]
+    results = [
+        json.loads(p.read_text()) for p in (tmp_path / "logs").glob("train/multiruns/*/*/results.json")
+    ]
     assert sorted((r["model"].rsplit(".", 1)[1], r["seed"]) for r in results) == [
-        ("DIN", 1), ("DIN", 2), ("TwoTower", 1), ("TwoTower", 2)
+        ("DIN", 1),
+        ("DIN", 2),
+        ("TwoTower", 1),
+        ("TwoTower", 2),
     ]
     for r in results:
         key = "test/auc" if r["model"].endswith("DIN") else "test/recall@50"

@@ -59,8 +59,15 @@ def test_fast_dev_run(model, make_cfg, tmp_path):
 
 def test_overfit_batches_drives_loss_down(make_cfg, tmp_path):
     cfg = make_cfg(
-        [*model_overrides("din", tmp_path), "debug=overfit", "logger=csv", "trainer.log_every_n_steps=1",
-         "trainer.max_epochs=40", "model.net.dropout=0.0", "model.optimizer.lr=0.01"]
+        [
+            *model_overrides("din", tmp_path),
+            "debug=overfit",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+            "trainer.max_epochs=40",
+            "model.net.dropout=0.0",
+            "model.optimizer.lr=0.01",
+        ]
     )
     train(cfg)
     log = pl.read_csv(next(Path(cfg.paths.output_dir).glob("csv/version_*/metrics.csv")))
@@ -120,7 +127,11 @@ def test_bad_max_epochs_is_rejected(make_cfg, tmp_path):
 def test_missing_pretrained_folder_is_named(make_cfg, tmp_path):
     missing = tmp_path / "no_such_model"
     cfg = make_cfg(
-        [*model_overrides("bert_cross_encoder", tmp_path), f"model.net.pretrained={missing}", "debug=fast_dev_run"]
+        [
+            *model_overrides("bert_cross_encoder", tmp_path),
+            f"model.net.pretrained={missing}",
+            "debug=fast_dev_run",
+        ]
     )
     with pytest.raises(FileNotFoundError, match=str(missing)):
         train(cfg)
@@ -156,8 +167,14 @@ def test_cli_config_error_is_one_line(tmp_path):
 def test_wandb_offline_smoke(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = make_cfg(
-        [*model_overrides("din", tmp_path)[:-1], "logger=wandb", "trainer.max_epochs=1",
-         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+        [
+            *model_overrides("din", tmp_path)[:-1],
+            "logger=wandb",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=2",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ]
     )
     train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
@@ -166,5 +183,11 @@ def test_wandb_offline_smoke(make_cfg, tmp_path, monkeypatch):
     assert len(logs) == 1, "the offline run log was not written"
     # the transaction log (protobuf records) holds the logged config and metrics as plain strings
     blob = logs[0].read_bytes()
-    for needle in (b"git_commit", b"data_fingerprint", b"recsys_lab.models.din.DIN", b"test/auc", b"oracle_auc"):
+    for needle in (
+        b"git_commit",
+        b"data_fingerprint",
+        b"recsys_lab.models.din.DIN",
+        b"test/auc",
+        b"oracle_auc",
+    ):
         assert needle in blob, needle

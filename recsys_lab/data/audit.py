@@ -23,7 +23,9 @@ def _count_before(user: np.ndarray, ts: np.ndarray, pool_user: np.ndarray, pool_
     offset = min(ts.min(initial=0), pool_ts.min(initial=0))
     pool = np.sort(pool_user.astype(np.int64) * span + (pool_ts - offset))
     probe = user.astype(np.int64) * span + (ts - offset)
-    return np.searchsorted(pool, probe, side="left") - np.searchsorted(pool, user.astype(np.int64) * span, side="left")
+    return np.searchsorted(pool, probe, side="left") - np.searchsorted(
+        pool, user.astype(np.int64) * span, side="left"
+    )
 
 
 def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
@@ -38,7 +40,9 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
     # 1. no held-out interaction is also a training pair (e.g. overlapping pre-split files)
     events = pl.DataFrame({"user": user, "item": item, "timestamp": ts, "split": split})
     held_out = events.filter(pl.col("split") > TRAIN)
-    overlap = events.filter(pl.col("split") == TRAIN).join(held_out, on=["user", "item", "timestamp"], how="semi")
+    overlap = events.filter(pl.col("split") == TRAIN).join(
+        held_out, on=["user", "item", "timestamp"], how="semi"
+    )
     if overlap.height:
         first = overlap.row(0, named=True)
         raise LeakageError(
@@ -75,7 +79,9 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
         in_train[ids[split == TRAIN]] = True
         vocab = table.sparse[f"{side}_id"].numpy() > 0
         if (vocab & ~in_train).any():
-            raise LeakageError(f"leakage audit: the {side}_id vocabulary holds {side}s never seen in training")
+            raise LeakageError(
+                f"leakage audit: the {side}_id vocabulary holds {side}s never seen in training"
+            )
     checks.append("vocabularies and popularity fitted on training rows")
 
     # 4. ranking queries: held-out targets are not in the query's history; candidates are never positives
@@ -89,10 +95,16 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
         t_keys = t_owner * span + targets.values.numpy()
         s_keys = s_owner * span + seen.values.numpy()
         if np.intersect1d(t_keys, s_keys).size:
-            raise LeakageError(f"leakage audit: a {stage} query's target is in the user's history (seen items)")
+            raise LeakageError(
+                f"leakage audit: a {stage} query's target is in the user's history (seen items)"
+            )
         if q["candidates"] is not None:
             if not all_pos:
-                all_pos = {"keys": np.unique(user[positive].astype(np.int64) * len(item_counts) + item_code[item[positive]])}
+                all_pos = {
+                    "keys": np.unique(
+                        user[positive].astype(np.int64) * len(item_counts) + item_code[item[positive]]
+                    )
+                }
             cands, users = q["candidates"], q["users"]
             owner = torch.repeat_interleave(torch.arange(n_rows), cands.lengths(torch.arange(n_rows)))
             n_targets = targets.lengths(torch.arange(n_rows))
@@ -100,6 +112,8 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
             negative = (position >= n_targets[owner]).numpy()
             keys = users[owner].numpy().astype(np.int64) * len(item_counts) + cands.values.numpy()
             if np.isin(keys[negative], all_pos["keys"]).any():
-                raise LeakageError(f"leakage audit: a sampled {stage} candidate is one of the user's positives")
+                raise LeakageError(
+                    f"leakage audit: a sampled {stage} candidate is one of the user's positives"
+                )
     checks.append("query targets are not in query histories; sampled negatives are never positives")
     return {"status": "passed", "checks": checks, "rows": int(len(rows))}

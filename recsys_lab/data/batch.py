@@ -73,7 +73,10 @@ class Batch:
 
         def seq(name: str) -> Seq:
             width = max(b.seq[name].ids.shape[1] for b in batches)
-            ids = [torch.nn.functional.pad(b.seq[name].ids, (0, width - b.seq[name].ids.shape[1])) for b in batches]
+            ids = [
+                torch.nn.functional.pad(b.seq[name].ids, (0, width - b.seq[name].ids.shape[1]))
+                for b in batches
+            ]
             return Seq(torch.cat(ids), torch.cat([b.seq[name].lengths for b in batches]))
 
         return Batch(

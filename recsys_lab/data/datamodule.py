@@ -99,7 +99,9 @@ def parse_negatives(spec: Any):
         return spec
     kind, _, n = spec.partition("_")
     if kind not in ("uniform", "popularity") or not n.isdigit() or int(n) < 1:
-        raise ValueError(f"data.train_negatives='{spec}': expected null, 'uniform_N' or 'popularity_N' (e.g. uniform_4)")
+        raise ValueError(
+            f"data.train_negatives='{spec}': expected null, 'uniform_N' or 'popularity_N' (e.g. uniform_4)"
+        )
     return UniformNegatives(n=int(n)) if kind == "uniform" else PopularityNegatives(n=int(n))
 
 
@@ -109,7 +111,9 @@ def _identity(batch: Batch) -> Batch:
 
 def _ragged(lists: pl.Series) -> Ragged:
     lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-    values = lists.explode().drop_nulls().to_numpy().astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+    values = (
+        lists.explode().drop_nulls().to_numpy().astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+    )
     return Ragged(torch.as_tensor(values), torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)])))
 
 
@@ -162,7 +166,11 @@ class RecDataModule(pl_.LightningDataModule):
         version: str | None = None,
     ) -> None:
         super().__init__()
-        for key, value in {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "history_len": history_len}.items():
+        for key, value in {
+            "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size,
+            "history_len": history_len,
+        }.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key}={value}: expected a positive integer")
         if ctr_eval not in CTR_EVALS:
@@ -242,7 +250,9 @@ class RecDataModule(pl_.LightningDataModule):
         features = meta["features"]
         for name in self.history_features:
             if features.get(name, {}).get("kind") != "categorical" or features[name]["side"] != "item":
-                item_cats = sorted(k for k, v in features.items() if v["side"] == "item" and v["kind"] == "categorical")
+                item_cats = sorted(
+                    k for k, v in features.items() if v["side"] == "item" and v["kind"] == "categorical"
+                )
                 raise ValueError(
                     f"data.history_features: '{name}' is not a categorical item column; item columns are {item_cats}"
                 )
@@ -290,7 +300,11 @@ class RecDataModule(pl_.LightningDataModule):
             text=self.text_tables,
         )
         self._positive = torch.as_tensor(positive)
-        self._oracle = torch.as_tensor(rows[meta["oracle"]].to_numpy().astype(np.float32)) if meta.get("oracle") else None
+        self._oracle = (
+            torch.as_tensor(rows[meta["oracle"]].to_numpy().astype(np.float32))
+            if meta.get("oracle")
+            else None
+        )
         self.item_counts = torch.as_tensor(meta["item_counts"], dtype=torch.float32)
         self.schema = self._schema(meta)
 
@@ -344,7 +358,10 @@ class RecDataModule(pl_.LightningDataModule):
                 sparse[name] = torch.as_tensor(frame[name].to_numpy().astype(np.int64))
             elif f["kind"] == "multi_categorical":
                 r = _ragged(frame[name])
-                seq[name] = (r.gather(torch.arange(frame.height), max_len=f["max_len"]).ids, r.lengths(torch.arange(frame.height)))
+                seq[name] = (
+                    r.gather(torch.arange(frame.height), max_len=f["max_len"]).ids,
+                    r.lengths(torch.arange(frame.height)),
+                )
             elif f["kind"] == "numeric":
                 dense[name] = torch.as_tensor(frame[name].to_numpy().astype(np.float32))
             elif f["kind"] == "dense_vector":
@@ -361,7 +378,9 @@ class RecDataModule(pl_.LightningDataModule):
             raise ValueError(f"data.text is set but source '{self.source.name}' has no item text column")
         path = resolve_pretrained(spec.pretrained, allow_download=spec.allow_download)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not spec.allow_download)
-        tokens, lengths = tokenize_texts(tokenizer, p.items[p.meta["item_text"]].to_list(), spec.max_item_tokens)
+        tokens, lengths = tokenize_texts(
+            tokenizer, p.items[p.meta["item_text"]].to_list(), spec.max_item_tokens
+        )
         return TextTables(
             item_tokens=tokens,
             item_lengths=lengths,
@@ -383,9 +402,12 @@ class RecDataModule(pl_.LightningDataModule):
                 feats.append(Feature(name, "seq", f["side"], vocab_size=v[name], max_len=f["max_len"]))
             elif f["kind"] in ("numeric", "dense_vector"):
                 feats.append(Feature(name, "dense", f["side"], dim=f["dim"]))
-        feats.append(Feature("hist_item_id", "seq", "user", vocab_size=v["item_id"], max_len=L, embed_as="item_id"))
+        feats.append(
+            Feature("hist_item_id", "seq", "user", vocab_size=v["item_id"], max_len=L, embed_as="item_id")
+        )
         feats += [
-            Feature(f"hist_{c}", "seq", "user", vocab_size=v[c], max_len=L, embed_as=c) for c in self.history_features
+            Feature(f"hist_{c}", "seq", "user", vocab_size=v[c], max_len=L, embed_as=c)
+            for c in self.history_features
         ]
         if self.text_tables is not None:
             feats.append(Feature("pair_text", "text", "context", max_len=self.text.max_length))
@@ -399,7 +421,11 @@ class RecDataModule(pl_.LightningDataModule):
         def gather(i: torch.Tensor) -> Batch:
             chosen = rows[i]
             negatives = self.train_negatives.sample(
-                self.store.user[chosen], self._exclude, self.schema.num_items, self.item_counts, self._generator,
+                self.store.user[chosen],
+                self._exclude,
+                self.schema.num_items,
+                self.item_counts,
+                self._generator,
                 allowed=self._allowed,
             )
             return self.store.with_negatives(chosen, negatives)
@@ -464,7 +490,7 @@ class RecDataModule(pl_.LightningDataModule):
     # ---- what tasks and the results table read -----------------------------------------------------------
     @property
     def evaluation(self) -> str:
-        """"impressions" or "ranking": how the current view's validation/test batches are scored."""
+        """ "impressions" or "ranking": how the current view's validation/test batches are scored."""
         return "ranking" if self.view == "retrieval" or self.ctr_eval == "ranking" else "impressions"
 
     def catalogue(self) -> Batch:
@@ -499,7 +525,9 @@ class RecDataModule(pl_.LightningDataModule):
             "preprocess": self.preprocess.describe(),
             **self.split.describe(),
             "evaluation": self.evaluation,
-            "eval_candidates": self.meta["eval_candidates"] if self.evaluation == "ranking" else "logged impressions",
+            "eval_candidates": self.meta["eval_candidates"]
+            if self.evaluation == "ranking"
+            else "logged impressions",
             "train_negatives": self.train_negatives.describe() if self.train_negatives is not None else None,
             "history_len": self.history_len,
             "history_features": self.history_features,
@@ -511,5 +539,7 @@ class RecDataModule(pl_.LightningDataModule):
         }
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"prepared": self.protocol_fingerprint(), **self.describe()}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {"prepared": self.protocol_fingerprint(), **self.describe()}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -132,8 +132,12 @@ def prepare(
     # entity tables: every user / item known to the source (tables or interactions)
     users = _entities(raw.users, inter, "user_id")
     items = _entities(raw.items, inter, "item_id")
-    inter = inter.join(users.select("user_id", pl.int_range(pl.len()).alias("user")), on="user_id", how="left")
-    inter = inter.join(items.select("item_id", pl.int_range(pl.len()).alias("item")), on="item_id", how="left")
+    inter = inter.join(
+        users.select("user_id", pl.int_range(pl.len()).alias("user")), on="user_id", how="left"
+    )
+    inter = inter.join(
+        items.select("item_id", pl.int_range(pl.len()).alias("item")), on="item_id", how="left"
+    )
     train = inter.filter(pl.col("split") == TRAIN)
     train_users = np.unique(train["user"].to_numpy())
     train_items = np.unique(train["item"].to_numpy())
@@ -165,15 +169,15 @@ def prepare(
     keep = ["user", "item", "timestamp", "split", "positive", *labels, *context]
     if oracle:
         keep.append(oracle)
-    rows = inter.select([pl.col(c) for c in keep]).with_columns(
-        [pl.col(c).cast(pl.Float32) for c in labels]
-    )
+    rows = inter.select([pl.col(c) for c in keep]).with_columns([pl.col(c).cast(pl.Float32) for c in labels])
 
     # per item code: positives in training (popularity, logQ)
     n_codes = meta["vocab_sizes"]["item_id"]
     item_code = items["item_id_code"].to_numpy()
     pos_train = rows.filter((pl.col("split") == TRAIN) & pl.col("positive"))
-    counts_per_code = np.bincount(item_code[pos_train["item"].to_numpy()], minlength=n_codes).astype(np.float32)
+    counts_per_code = np.bincount(item_code[pos_train["item"].to_numpy()], minlength=n_codes).astype(
+        np.float32
+    )
     counts_per_code[0] = 0.0
     meta.update(
         labels=labels,
@@ -181,14 +185,17 @@ def prepare(
         oracle=oracle,
         item_text=raw.item_text if raw.item_text in items.columns else None,
         item_counts=counts_per_code.tolist(),
-        has_negatives={s: bool((~rows.filter(pl.col("split") == c)["positive"]).any()) for s, c in STAGES.items()},
+        has_negatives={
+            s: bool((~rows.filter(pl.col("split") == c)["positive"]).any()) for s, c in STAGES.items()
+        },
         split=split.describe(),
         cutoffs=list(getattr(split, "cutoffs_", ()) or ()),
     )
     queries = {s: _queries(rows, item_code, STAGES[s], counts) for s in ("val", "test")}
     if eval_candidates is not None:
         queries = {
-            s: _with_candidates(q, rows, item_code, counts_per_code, eval_candidates, s) for s, q in queries.items()
+            s: _with_candidates(q, rows, item_code, counts_per_code, eval_candidates, s)
+            for s, q in queries.items()
         }
     meta["eval_candidates"] = getattr(eval_candidates, "name", "full")
     return Prepared(rows=rows, users=users, items=items, queries=queries, meta=meta)
@@ -228,7 +235,9 @@ def _encode_table(
             lists = table[col].cast(pl.List(pl.String))
             longest = int(lists.list.len().max() or 1)
             ids, lengths = encode_lists(lists, vocab, min(longest, MAX_LIST_LEN))
-            out[col] = pl.Series(col, [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)], dtype=pl.List(pl.Int64))
+            out[col] = pl.Series(
+                col, [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)], dtype=pl.List(pl.Int64)
+            )
             meta["vocab_sizes"][col] = vocab.height + 1
             features[col] = {"kind": kind, "side": side, "max_len": ids.shape[1]}
             continue
@@ -237,7 +246,11 @@ def _encode_table(
             values, stats = standardise(values, train_entities, log=col in log_dense, name=col)
             meta["normalisers"][col] = stats
             out[col] = pl.Series(col, values) if kind == "numeric" else pl.Series(col, values.tolist())
-            features[col] = {"kind": kind, "side": side, "dim": 1 if values.ndim == 1 else int(values.shape[1])}
+            features[col] = {
+                "kind": kind,
+                "side": side,
+                "dim": 1 if values.ndim == 1 else int(values.shape[1]),
+            }
             continue
         elif kind == "text":
             out[col] = table[col].cast(pl.String).fill_null("")
@@ -268,7 +281,9 @@ def _queries(rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict
     name = "val" if stage == VAL else "test"
     pos = rows.filter(pl.col("positive")).select("user", "item", "split", "timestamp")
     pos = pos.with_columns(pl.Series("code", item_code[pos["item"].to_numpy()]))
-    seen = pos.filter(pl.col("split") < stage).group_by("user").agg(pl.col("code").unique().sort().alias("seen"))
+    seen = (
+        pos.filter(pl.col("split") < stage).group_by("user").agg(pl.col("code").unique().sort().alias("seen"))
+    )
     period = pos.filter(pl.col("split") == stage)
     unknown = int((period["code"] == 0).sum())
     targets = (

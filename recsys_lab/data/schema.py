@@ -96,7 +96,9 @@ class Schema:
         """Features of one kind and/or side(s), in schema order."""
         sides = (side,) if isinstance(side, str) else side
         return [
-            f for f in self.features if (kind is None or f.kind == kind) and (sides is None or f.side in sides)
+            f
+            for f in self.features
+            if (kind is None or f.kind == kind) and (sides is None or f.side in sides)
         ]
 
     @property

@@ -28,7 +28,9 @@ class Ragged:
         order = np.argsort(groups, kind="stable")
         counts = np.bincount(groups, minlength=n_groups)
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        return cls(torch.as_tensor(values[order], dtype=torch.long), torch.as_tensor(offsets, dtype=torch.long))
+        return cls(
+            torch.as_tensor(values[order], dtype=torch.long), torch.as_tensor(offsets, dtype=torch.long)
+        )
 
     def count_before(self, times: Tensor, rows: Tensor, t: Tensor) -> Tensor:
         """int64 [B]: entries of row `rows[b]` whose time (in `times`, aligned with `values` and sorted within
@@ -147,7 +149,9 @@ class FeatureStore:
             at = (level == lvl).nonzero().squeeze(1)
             part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=self.history_len)
             if hist is None:
-                hist = Seq(torch.zeros(len(users), self.history_len, dtype=torch.long), torch.zeros_like(users))
+                hist = Seq(
+                    torch.zeros(len(users), self.history_len, dtype=torch.long), torch.zeros_like(users)
+                )
             hist.ids[at], hist.lengths[at] = part.ids, part.lengths
         if hist is None:
             hist = Seq(torch.zeros(0, self.history_len, dtype=torch.long), torch.zeros(0, dtype=torch.long))

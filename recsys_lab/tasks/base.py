@@ -53,7 +53,10 @@ class RecTask(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)},
+        }
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _ranking(self) -> bool:
@@ -113,7 +116,9 @@ class RecTask(pl.LightningModule):
         # Lightning calls this before loading the state dict: fail with names, not with a key-mismatch dump.
         saved, now = checkpoint.get("recsys_lab_model"), self._identity()
         if saved is None:
-            raise CheckpointMismatchError("checkpoint was not written by recsys_lab (no 'recsys_lab_model' entry)")
+            raise CheckpointMismatchError(
+                "checkpoint was not written by recsys_lab (no 'recsys_lab_model' entry)"
+            )
         if saved != now:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointMismatchError(

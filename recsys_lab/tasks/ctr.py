@@ -40,7 +40,9 @@ class CTRTask(RecTask):
         super().__init__(net, schema, optimizer, scheduler, ks)
         label = schema.labels[0] if label is None else label
         if label not in schema.labels:
-            raise ValueError(f"model.label='{label}' is not a label of this dataset; labels are {schema.labels}")
+            raise ValueError(
+                f"model.label='{label}' is not a label of this dataset; labels are {schema.labels}"
+            )
         self.label = label
         self.metrics = nn.ModuleDict({stage: CTRMetrics() for stage in ("val", "test")})
 

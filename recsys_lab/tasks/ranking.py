@@ -32,7 +32,9 @@ class RankingEvaluation(nn.Module):
         item_chunk: items per forward pass when encoding the catalogue.
     """
 
-    def __init__(self, ks: Sequence[int] = (10, 20, 50), pair_chunk: int = 65536, item_chunk: int = 65536) -> None:
+    def __init__(
+        self, ks: Sequence[int] = (10, 20, 50), pair_chunk: int = 65536, item_chunk: int = 65536
+    ) -> None:
         super().__init__()
         self.ks = tuple(ks)
         self.pair_chunk, self.item_chunk = pair_chunk, item_chunk

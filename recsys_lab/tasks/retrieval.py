@@ -35,7 +35,9 @@ class RetrievalTask(RecTask):
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
         if not self.ranking.has_encoders(net):
-            raise TypeError(f"RetrievalTask needs a model with encode_query() and encode_item(); {type(net).__name__} has not")
+            raise TypeError(
+                f"RetrievalTask needs a model with encode_query() and encode_item(); {type(net).__name__} has not"
+            )
         self.loss = loss
         # log of each item's share of training positives: the in-batch sampling probability for logQ correction
         self.register_buffer("log_q", schema.item_log_prob(), persistent=False)

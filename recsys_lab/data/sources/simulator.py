@@ -190,7 +190,7 @@ class EcommerceSimulator:
 
         # Zipf popularity: exposure share and appeal both follow the rank, so "popular" is a real signal.
         rank = rng.permutation(p.n_items) + 1
-        exposure = rank ** -p.zipf_exponent
+        exposure = rank**-p.zipf_exponent
         exposure /= exposure.sum()
         appeal = 0.25 * np.log(exposure * p.n_items) + rng.normal(0, 0.3, p.n_items)
 
@@ -201,7 +201,9 @@ class EcommerceSimulator:
         titles = self._titles(v, item_brand, item_leaf, brand_names, leaves)
         image_proj = rng.normal(0, 1, (K, p.image_dim)) / np.sqrt(K)
         top_proj = rng.normal(0, 0.5, (n_top, p.image_dim))
-        image = v @ image_proj * np.sqrt(K) + top_proj[item_top] + rng.normal(0, 0.5, (p.n_items, p.image_dim))
+        image = (
+            v @ image_proj * np.sqrt(K) + top_proj[item_top] + rng.normal(0, 0.5, (p.n_items, p.image_dim))
+        )
 
         # ---- users: demographics drive category taste, so user features carry signal ---------------------
         n_age, n_gender, n_region = 6, 3, 8
@@ -233,7 +235,9 @@ class EcommerceSimulator:
             3,
             int(20 * p.impressions_per_user),
         )
-        order = np.argsort(-n_imp, kind="stable")  # most active first: at step k the active users are a prefix
+        order = np.argsort(
+            -n_imp, kind="stable"
+        )  # most active first: at step k the active users are a prefix
         n_sorted = n_imp[order]
         offsets = np.concatenate([[0], np.cumsum(n_sorted)])
         total = int(offsets[-1])
@@ -280,7 +284,9 @@ class EcommerceSimulator:
 
         # ---- the history-dependent simulation, vectorised over users -------------------------------------
         R = p.recent_window
-        recent = np.zeros((p.n_users, R), dtype=np.int64)  # ring buffer of clicked items, by position in order
+        recent = np.zeros(
+            (p.n_users, R), dtype=np.int64
+        )  # ring buffer of clicked items, by position in order
         n_clicks = np.zeros(p.n_users, dtype=np.int64)
         item_out = np.empty(total, dtype=np.int64)
         p_out = np.empty(total)
@@ -326,7 +332,9 @@ class EcommerceSimulator:
             )
             prob = 1.0 / (1.0 + np.exp(-logit))
             click = rng.random(m) < prob
-            buy_logit = -1.8 + 0.8 * appeal[cand] - 0.8 * sens_o[:m] * price_z[cand] + (u_o[:m] * v[cand]).sum(1)
+            buy_logit = (
+                -1.8 + 0.8 * appeal[cand] - 0.8 * sens_o[:m] * price_z[cand] + (u_o[:m] * v[cand]).sum(1)
+            )
             purchase = click & (rng.random(m) < 1.0 / (1.0 + np.exp(-buy_logit)))
 
             item_out[rows], p_out[rows], click_out[rows], purchase_out[rows] = cand, prob, click, purchase
@@ -348,8 +356,13 @@ class EcommerceSimulator:
             }
         ).sort(["timestamp", "user_id"])
         users = pl.DataFrame(
-            {"user_id": np.arange(p.n_users), "age": age, "gender": gender, "region": region,
-             "pref_device": pref_device}
+            {
+                "user_id": np.arange(p.n_users),
+                "age": age,
+                "gender": gender,
+                "region": region,
+                "pref_device": pref_device,
+            }
         )
         items = pl.DataFrame(
             {
@@ -363,7 +376,18 @@ class EcommerceSimulator:
                 "release_ts": release_ts,
             }
         )
-        categorical = ["age", "gender", "region", "pref_device", "cat1", "cat2", "brand", "hour", "weekday", "device"]
+        categorical = [
+            "age",
+            "gender",
+            "region",
+            "pref_device",
+            "cat1",
+            "cat2",
+            "brand",
+            "hour",
+            "weekday",
+            "device",
+        ]
         return RawData(
             interactions=interactions,
             users=users,
