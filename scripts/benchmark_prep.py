@@ -210,7 +210,7 @@ def main() -> None:
                 RandomRatioSplit((0.8, 0.1, 0.1), seed=0),
             ):
                 name = type(split).__name__
-                codes = timed(name, inter.height, lambda s=split: s.assign(inter), sampler, results)
+                codes = timed(name, inter.height, lambda s=split, x=inter: s.assign(x), sampler, results)
                 splits[name] = split_counts(codes)
             del inter
             # the whole pipeline that `train.py data=tabular` runs: read, preprocess, split, vocabularies and
