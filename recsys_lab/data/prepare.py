@@ -311,7 +311,7 @@ def _with_candidates(queries, rows, item_code, counts_per_code, sampler, stage: 
     pos = rows.filter(pl.col("positive"))
     n_codes = len(counts_per_code)
     exclude = PositiveSet(
-        torch.as_tensor(pos["user"].to_numpy()), torch.as_tensor(item_code[pos["item"].to_numpy()]), n_codes
+        torch.tensor(pos["user"].to_numpy()), torch.as_tensor(item_code[pos["item"].to_numpy()]), n_codes
     )
     lengths = queries["targets"].list.len().to_numpy()
     targets = Ragged(
