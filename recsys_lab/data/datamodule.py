@@ -490,7 +490,7 @@ class RecDataModule(pl_.LightningDataModule):
     # ---- what tasks and the results table read -----------------------------------------------------------
     @property
     def evaluation(self) -> str:
-        """ "impressions" or "ranking": how the current view's validation/test batches are scored."""
+        """How the current view's validation/test batches are scored: "impressions" or "ranking"."""
         return "ranking" if self.view == "retrieval" or self.ctr_eval == "ranking" else "impressions"
 
     def catalogue(self) -> Batch:
