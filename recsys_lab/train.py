@@ -101,7 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else None,
             "output_dir": str(output_dir),
         }
-        write_results(results, output_dir)
+        if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
+            write_results(results, output_dir)
         return results
     finally:
         finish_loggers(loggers)

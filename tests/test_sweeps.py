@@ -58,3 +58,14 @@ def test_optuna_sweep_two_trials(tmp_path, data_dir):
     # Optuna maximised the best validation AUC each trial returned
     returned = [json.loads(t.read_text())["metrics"]["best_val/auc"] for t in trials]
     assert best["best_value"] == pytest.approx(max(returned))
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path, data_dir):
+    run_cli(["trainer=ddp_cpu", *FAST], tmp_path, data_dir)
+    (results,) = list((tmp_path / "logs").glob("train/runs/*/results.json"))
+    r = json.loads(results.read_text())
+    # both ranks trained and evaluated; rank 0 alone wrote the (synced) results
+    for key in ("test/auc", "test/gauc", "test/oracle_auc"):
+        assert 0.0 < r["metrics"][key] <= 1.0
+    assert r["protocol"]["leakage_audit"]["status"] == "passed"
