@@ -287,7 +287,8 @@ def test_missing_ids_are_an_error():
 
 
 def test_benchmark_prep_script_runs_small(tmp_path):
-    """scripts/benchmark_prep.py end to end on 20k rows: generation, Preprocess and the three splits."""
+    """scripts/benchmark_prep.py end to end on 20k rows: generation, Preprocess, the three splits and the
+    whole preparation pipeline."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_prep.py"
     out = tmp_path / "prep.json"
     proc = subprocess.run(
@@ -305,6 +306,7 @@ def test_benchmark_prep_script_runs_small(tmp_path):
         "LeaveOneOutSplit",
         "TemporalSplit",
         "RandomRatioSplit",
+        "RecDataModule prepare + setup",
     ]
     users = blob["preprocess"]["users_out"]
     assert (
