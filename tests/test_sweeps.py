@@ -46,17 +46,25 @@ def test_grid_multirun_models_by_seeds(tmp_path, data_dir):
         assert 0.0 < r["metrics"][key] <= 1.0
 
 
+SWEEPS = {
+    "din_optuna": ("val/auc", {"model.optimizer.lr", "model.net.embedding_dim", "model.net.dropout"}),
+    "two_tower_optuna": ("val/recall@50", {"model.optimizer.lr", "model.loss.temperature", "model.net.output_dim"}),
+}
+
+
 @pytest.mark.slow
-def test_optuna_sweep_two_trials(tmp_path, data_dir):
-    run_cli(["-m", "hparams_search=din_optuna", "hydra.sweeper.n_trials=2", *FAST], tmp_path, data_dir)
+@pytest.mark.parametrize("search", list(SWEEPS))
+def test_optuna_sweep_two_trials(search, tmp_path, data_dir):
+    metric, params = SWEEPS[search]
+    run_cli(["-m", f"hparams_search={search}", "hydra.sweeper.n_trials=2", *FAST], tmp_path, data_dir)
     sweeps = list((tmp_path / "logs").glob("train/multiruns/*"))
     assert len(sweeps) == 1
     trials = list(sweeps[0].glob("*/results.json"))
     assert len(trials) == 2
     best = yaml.safe_load((sweeps[0] / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.optimizer.lr", "model.net.embedding_dim", "model.net.dropout"}
-    # Optuna maximised the best validation AUC each trial returned
-    returned = [json.loads(t.read_text())["metrics"]["best_val/auc"] for t in trials]
+    assert set(best["best_params"]) == params
+    # Optuna maximised the best validation value each trial returned
+    returned = [json.loads(t.read_text())["metrics"][f"best_{metric}"] for t in trials]
     assert best["best_value"] == pytest.approx(max(returned))
 
 
