@@ -48,7 +48,10 @@ def test_grid_multirun_models_by_seeds(tmp_path, data_dir):
 
 SWEEPS = {
     "din_optuna": ("val/auc", {"model.optimizer.lr", "model.net.embedding_dim", "model.net.dropout"}),
-    "two_tower_optuna": ("val/recall@50", {"model.optimizer.lr", "model.loss.temperature", "model.net.output_dim"}),
+    "two_tower_optuna": (
+        "val/recall@50",
+        {"model.optimizer.lr", "model.loss.temperature", "model.net.output_dim"},
+    ),
 }
 
 
