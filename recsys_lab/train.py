@@ -22,6 +22,7 @@ from recsys_lab.utils.run import (
     git_commit,
     instantiate_callbacks,
     instantiate_loggers,
+    stage_metrics,
     validate_config,
     write_results,
 )
@@ -79,14 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
-            metrics.update(
-                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            )
-            if datamodule.evaluation == "impressions":
-                reference = {f"test/{k}": v for k, v in datamodule.reference_metrics("test").items()}
-                metrics.update(reference)
-                for logger in loggers:
-                    logger.log_metrics(reference)
+            tested, reference = stage_metrics(trainer, datamodule, "test")
+            metrics.update(tested | reference)
+            for logger in loggers if reference else []:
+                logger.log_metrics(reference)
         results = {
             "metrics": metrics,
             "monitor": cfg.monitor,

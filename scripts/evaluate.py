@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.train import CONFIG_DIR, build
-from recsys_lab.utils.run import ConfigError, write_results
+from recsys_lab.utils.run import ConfigError, stage_metrics, write_results
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -50,9 +50,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run_stage = trainer.test if cfg.stage == "test" else trainer.validate
     # the Lightning checkpoint restores the weights; the task's on_load_checkpoint checks model and schema
     run_stage(task, datamodule=datamodule, ckpt_path=str(path))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{cfg.stage}/")}
-    if datamodule.evaluation == "impressions":
-        metrics.update({f"{cfg.stage}/{k}": v for k, v in datamodule.reference_metrics(cfg.stage).items()})
+    metrics, reference = stage_metrics(trainer, datamodule, cfg.stage)
+    metrics.update(reference)
     results = {
         "metrics": metrics,
         "model": run_cfg.model.net._target_,

@@ -109,14 +109,6 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def _ragged(lists: pl.Series) -> Ragged:
-    lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-    values = (
-        lists.explode().drop_nulls().to_numpy().astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
-    )
-    return Ragged(torch.as_tensor(values), torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)])))
-
-
 class RecDataModule(pl_.LightningDataModule):
     """Prepares a source for training and evaluation under an explicit, logged protocol.
 
@@ -191,6 +183,7 @@ class RecDataModule(pl_.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.view = "ctr"
         self._ready = False
+        self._loaded: Prepared | None = None
 
     # ---- cache ---------------------------------------------------------------------------------------------
     def protocol_fingerprint(self) -> str:
@@ -214,6 +207,9 @@ class RecDataModule(pl_.LightningDataModule):
         return self.cache_dir / f"{self.source.name}-{self.protocol_fingerprint()}"
 
     def _prepared(self) -> Prepared:
+        """The prepared data: read from the cache once per process, built and cached when missing."""
+        if self._loaded is not None:
+            return self._loaded
         fingerprint = self.protocol_fingerprint()
         prepared = Prepared.load(self.cache_path, fingerprint)
         if prepared is None:
@@ -223,6 +219,7 @@ class RecDataModule(pl_.LightningDataModule):
             )
             prepared.save(self.cache_path, fingerprint)
             prepared = Prepared.load(self.cache_path, fingerprint)  # one code path for fresh and cached data
+        self._loaded = prepared
         return prepared
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------
@@ -324,9 +321,11 @@ class RecDataModule(pl_.LightningDataModule):
                 q = q[np.sort(rng.choice(q.height, size=self.max_eval_rows, replace=False))]
             self.queries[stage] = {
                 "users": torch.as_tensor(q["user"].to_numpy().astype(np.int64)),
-                "targets": _ragged(q["targets"]),
-                "seen": _ragged(q["seen"]),
-                "candidates": None if q["candidates"].null_count() == q.height else _ragged(q["candidates"]),
+                "targets": Ragged.from_lists(q["targets"]),
+                "seen": Ragged.from_lists(q["seen"]),
+                "candidates": None
+                if q["candidates"].null_count() == q.height
+                else Ragged.from_lists(q["candidates"]),
             }
         self.train_positive_rows = self.rows["train"][self._positive[self.rows["train"]]]
         self._exclude = None
@@ -357,7 +356,7 @@ class RecDataModule(pl_.LightningDataModule):
             if f["kind"] == "categorical":
                 sparse[name] = torch.as_tensor(frame[name].to_numpy().astype(np.int64))
             elif f["kind"] == "multi_categorical":
-                r = _ragged(frame[name])
+                r = Ragged.from_lists(frame[name])
                 seq[name] = (
                     r.gather(torch.arange(frame.height), max_len=f["max_len"]).ids,
                     r.lengths(torch.arange(frame.height)),

@@ -25,6 +25,7 @@ import torch
 
 from recsys_lab.data.sources.raw import RawData, SourceError
 from recsys_lab.data.splits import TEST, TRAIN, VAL
+from recsys_lab.data.store import Ragged
 from recsys_lab.data.vocab import encode, encode_lists, fit_vocab, standardise
 
 PREPARE_VERSION = 1
@@ -235,9 +236,9 @@ def _encode_table(
             lists = table[col].cast(pl.List(pl.String))
             longest = int(lists.list.len().max() or 1)
             ids, lengths = encode_lists(lists, vocab, min(longest, MAX_LIST_LEN))
-            out[col] = pl.Series(
-                col, [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)], dtype=pl.List(pl.Int64)
-            )
+            valid = np.arange(ids.shape[1]) < lengths[:, None]  # (N, G): kept codes are left-aligned
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            out[col] = Ragged(torch.as_tensor(ids[valid]), torch.as_tensor(offsets)).to_lists(col)
             meta["vocab_sizes"][col] = vocab.height + 1
             features[col] = {"kind": kind, "side": side, "max_len": ids.shape[1]}
             continue
@@ -304,7 +305,6 @@ def _queries(rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict
 def _with_candidates(queries, rows, item_code, counts_per_code, sampler, stage: str) -> pl.DataFrame:
     """Draw the sampled candidates once (seeded) and store them with the queries."""
     from recsys_lab.data.sampling import PositiveSet
-    from recsys_lab.data.store import Ragged
 
     if queries.height == 0:
         return queries
@@ -313,11 +313,7 @@ def _with_candidates(queries, rows, item_code, counts_per_code, sampler, stage: 
     exclude = PositiveSet(
         torch.tensor(pos["user"].to_numpy()), torch.as_tensor(item_code[pos["item"].to_numpy()]), n_codes
     )
-    lengths = queries["targets"].list.len().to_numpy()
-    targets = Ragged(
-        torch.as_tensor(queries["targets"].explode().to_numpy().astype(np.int64)),
-        torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
-    )
+    targets = Ragged.from_lists(queries["targets"])
     allowed = torch.ones(n_codes, dtype=torch.bool)
     allowed[0] = False
     cands = sampler.candidates(
@@ -330,6 +326,4 @@ def _with_candidates(queries, rows, item_code, counts_per_code, sampler, stage: 
     )
     if cands is None:
         return queries
-    values, offsets = cands.values.numpy(), cands.offsets.numpy()
-    lists = [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
-    return queries.with_columns(pl.Series("candidates", lists, dtype=pl.List(pl.Int64)))
+    return queries.with_columns(cands.to_lists("candidates"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -31,6 +33,22 @@ class Ragged:
         return cls(
             torch.as_tensor(values[order], dtype=torch.long), torch.as_tensor(offsets, dtype=torch.long)
         )
+
+    @classmethod
+    def from_lists(cls, lists: pl.Series) -> Ragged:
+        """A polars List[int] column (nulls = empty rows) as CSR."""
+        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
+        values = (
+            lists.explode().drop_nulls().to_numpy().astype(np.int64)
+            if lengths.sum()
+            else np.zeros(0, np.int64)
+        )
+        return cls(torch.as_tensor(values), torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)])))
+
+    def to_lists(self, name: str) -> pl.Series:
+        """The rows as a polars List[Int64] column (built from the CSR arrays, no Python loop)."""
+        array = pa.ListArray.from_arrays(pa.array(self.offsets.numpy()), pa.array(self.values.numpy()))
+        return pl.Series(name, pl.from_arrow(array), dtype=pl.List(pl.Int64))
 
     def count_before(self, times: Tensor, rows: Tensor, t: Tensor) -> Tensor:
         """int64 [B]: entries of row `rows[b]` whose time (in `times`, aligned with `values` and sorted within
@@ -202,33 +220,33 @@ class FeatureStore:
         negatives.labels = {k: torch.zeros_like(v) for k, v in negatives.labels.items()}
         return Batch.concat([positives, negatives])
 
-    def queries(self, users: Tensor, level: int, eval_seqs: dict[str, Seq]) -> Batch:
-        """Ranking queries: users with all positives of timeline `level` as history, unknown context (code 0),
-        plus the evaluation sequences (targets, seen, candidates; item codes)."""
+    def _query_part(self, users: Tensor, level: int) -> tuple[Batch, Seq]:
+        """A query as of an evaluation cutoff: user features, unknown context (code 0) and every positive of
+        timeline `level` as history. Returns the batch and the history as item entities."""
         batch = Batch()
         self.users.into(batch, users)
         for name in self.row_sparse:
             batch.sparse[name] = torch.zeros_like(users)
-        timeline = self.timelines[level]
         levels = torch.full_like(users, level)
-        self._history_part(batch, users, levels, timeline.lengths(users))
+        hist = self._history_part(batch, users, levels, self.timelines[level].lengths(users))
+        return batch, hist
+
+    def queries(self, users: Tensor, level: int, eval_seqs: dict[str, Seq]) -> Batch:
+        """Ranking queries (see `_query_part`) plus the evaluation sequences (targets, seen, candidates;
+        item codes)."""
+        batch, _ = self._query_part(users, level)
         batch.seq.update(eval_seqs)
         batch.sparse["eval.user"] = users  # entity index: lets the evaluator build (query, candidate) pairs
         return batch
 
     def pairs(self, users: Tensor, level: int, codes: Tensor) -> Batch:
         """(query, candidate) rows for models without separate encoders: user entities [B] x item codes
-        [B, C] -> B*C rows, query-major, with the query's history (timeline `level`) and unknown context."""
+        [B, C] -> B*C rows, query-major, each a query (see `_query_part`) with one candidate."""
         B, C = codes.shape
         users = users.repeat_interleave(C)  # (B*C,)
         items = self.item_entity[codes.reshape(-1)]  # (B*C,)
-        batch = Batch()
-        self.users.into(batch, users)
+        batch, hist = self._query_part(users, level)
         self.items.into(batch, items)
-        for name in self.row_sparse:
-            batch.sparse[name] = torch.zeros_like(users)
-        levels = torch.full_like(users, level)
-        hist = self._history_part(batch, users, levels, self.timelines[level].lengths(users))
         if self.text is not None:
             self._text_part(batch, hist, items)
         return batch

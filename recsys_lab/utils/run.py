@@ -86,6 +86,16 @@ class RunMetadata(pl.Callback):
         checkpoint["recsys_lab_run"] = self.info
 
 
+def stage_metrics(trainer: pl.Trainer, datamodule, stage: str) -> tuple[dict[str, float], dict[str, float]]:
+    """What the last `trainer.test`/`validate` logged for `stage`, and the reference scores (oracle and
+    popularity AUC) on the same rows when the stage is scored on logged impressions."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+    reference = {}
+    if datamodule.evaluation == "impressions":
+        reference = {f"{stage}/{k}": v for k, v in datamodule.reference_metrics(stage).items()}
+    return metrics, reference
+
+
 def best_score(trainer: pl.Trainer) -> float | None:
     callback = trainer.checkpoint_callback
     if callback is None or callback.best_model_score is None:
