@@ -19,15 +19,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from recsys_lab.train import CONFIG_DIR  # noqa: E402  (also registers the resolvers)
 
-REPO = Path(__file__).resolve().parents[1]
-# A small simulator: every test that trains uses it unless it overrides data.source.*
-SMALL_DATA = [
-    "data.source.n_users=300",
-    "data.source.n_items=200",
-    "data.source.impressions_per_user=20",
-    "data.batch_size=256",
-    "data.eval_batch_size=512",
-]
+from tests.helpers import REPO, SMALL_DATA  # noqa: E402,F401  (re-exported for older imports)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from scripts.benchmark import main
-from tests.conftest import SMALL_DATA
+from tests.helpers import SMALL_DATA
 
 
 def test_benchmark_reports_positive_rates(tmp_path, capsys):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMALL_DATA
+from tests.helpers import REPO, SMALL_DATA
 
 FAST = [*SMALL_DATA, "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 

@@ -18,7 +18,7 @@ from recsys_lab.tasks.base import CheckpointMismatchError
 from recsys_lab.train import CONFIG_DIR, train
 from recsys_lab.utils.run import ConfigError
 from recsys_lab.utils.testing_text import build_tiny_bert
-from tests.conftest import REPO, SMALL_DATA
+from tests.helpers import REPO, SMALL_DATA
 
 MODELS = ["din", "two_tower", "bert_cross_encoder", "popularity", "popularity_retrieval"]
 CTR_MODELS = {"din", "bert_cross_encoder", "popularity"}

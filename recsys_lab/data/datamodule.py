@@ -131,8 +131,8 @@ class RecDataModule(pl_.LightningDataModule):
             keeps all. Used to keep CPU runs of large models short; printed with the results.
         num_workers: DataLoader workers (gathering is vectorised, so 0 is usually fastest).
         seed: seed of the subsamples, the evaluation candidates and the training negatives.
-        path / version: shorthands that the source config interpolates (`data.path=...`, `data.version=...`);
-            recorded in the protocol.
+        path / version / columns: shorthands that the source config interpolates (`data.path=...`,
+            `data.version=...`, `data.columns.user=...`); recorded in the protocol.
     """
 
     def __init__(
@@ -156,6 +156,7 @@ class RecDataModule(pl_.LightningDataModule):
         seed: int = 0,
         path: str | None = None,
         version: str | None = None,
+        columns: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value in {
@@ -172,7 +173,7 @@ class RecDataModule(pl_.LightningDataModule):
         self.eval_candidates = parse_candidates(eval_candidates, seed)
         self.train_negatives = parse_negatives(train_negatives)
         self.ctr_eval = ctr_eval
-        self.path, self.version = path, version
+        self.path, self.version, self.columns = path, version, columns
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.history_len = history_len
