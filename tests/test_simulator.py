@@ -1,6 +1,9 @@
-"""The e-commerce simulator: its `RawData` declarations, determinism, time order, cold-start releases, label sanity and its oracle signal."""
+"""The e-commerce simulator: its `RawData` declarations, determinism, time order, cold-start releases, label
+sanity, its oracle signal, and its click model (hand-computed logits, and the logged oracle column)."""
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 import polars as pl
@@ -8,7 +11,13 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from recsys_lab.data.sources.raw import FEATURE_KINDS, RawData
-from recsys_lab.data.sources.simulator import CATEGORY_TREE, SECONDS_PER_DAY, EcommerceSimulator
+from recsys_lab.data.sources.simulator import (
+    CATEGORY_TREE,
+    SECONDS_PER_DAY,
+    ClickInputs,
+    ClickModel,
+    EcommerceSimulator,
+)
 
 SMALL = {"n_users": 300, "n_items": 200, "impressions_per_user": 20}
 USER_COLS = ["age", "gender", "region", "pref_device"]
@@ -27,9 +36,6 @@ def test_deterministic_for_a_seed(data):
         assert getattr(again, name).equals(getattr(data, name)), name
     for name in ("features", "labels", "item_text", "oracle", "files"):
         assert getattr(again, name) == getattr(data, name), name
-    assert (
-        EcommerceSimulator(**SMALL, seed=0).fingerprint() == EcommerceSimulator(**SMALL, seed=0).fingerprint()
-    )
 
     other = EcommerceSimulator(**SMALL, seed=1)
     assert other.fingerprint() != EcommerceSimulator(**SMALL, seed=0).fingerprint()
@@ -211,3 +217,232 @@ def test_describe_and_fingerprint_follow_parameters():
     assert len(sim.fingerprint()) == 16
     assert EcommerceSimulator(**{**SMALL, "n_days": 29}, seed=5).fingerprint() != sim.fingerprint()
     assert EcommerceSimulator(**{**SMALL, "base_logit": -4.0}, seed=5).fingerprint() != sim.fingerprint()
+
+
+def test_fingerprint_and_describe_are_pinned():
+    """Cached data and published results are keyed by these: they change only with SIMULATOR_VERSION."""
+    assert EcommerceSimulator().fingerprint() == "0ea2b6fde8614911"
+    assert EcommerceSimulator(**SMALL, seed=0).fingerprint() == "4a4638b30a079b76"
+    assert EcommerceSimulator().describe() == {
+        "source": "ecommerce",
+        "simulator_version": 2,
+        "n_users": 5000,
+        "n_items": 2000,
+        "n_days": 28,
+        "impressions_per_user": 50.0,
+        "latent_dim": 8,
+        "zipf_exponent": 1.0,
+        "cold_item_fraction": 0.1,
+        "n_brands": 80,
+        "image_dim": 16,
+        "recent_window": 5,
+        "base_logit": -4.3,
+        "simulator_seed": 0,
+    }
+
+
+def test_small_log_is_pinned(data):
+    """The same parameters give the same log as when SIMULATOR_VERSION 2 was published: any change to a draw,
+    its order or the click model shows here (and then needs a version bump, which changes the fingerprint)."""
+    inter = data.interactions
+    assert inter.height == 5136
+    assert (inter["click"].sum(), inter["purchase"].sum(), inter["item_id"].sum()) == (365, 163, 554574)
+    assert inter["true_click_prob"].sum() == pytest.approx(386.89077474917417, rel=1e-12)
+
+
+# ---- the click model ----------------------------------------------------------------------------------------
+def _inputs(m: int = 1, **fields) -> ClickInputs:
+    """m impressions on which every term of the click logit is zero (K=2, R=3), with `fields` overridden."""
+    neutral = {
+        "item_factors": np.zeros((m, 2)),
+        "item_appeal": np.zeros(m),
+        "item_top": np.zeros(m, dtype=np.int64),
+        "item_leaf": np.zeros(m, dtype=np.int64),
+        "item_price_z": np.zeros(m),
+        "user_taste": np.zeros((m, 2)),
+        "price_sensitivity": np.zeros(m),
+        "hour": np.zeros(m, dtype=np.int64),
+        "weekday": np.zeros(m, dtype=np.int64),  # a Monday
+        "device": np.zeros(m, dtype=np.int64),
+        "recent_factors": np.zeros((m, 3, 2)),
+        "recent_leaves": np.ones((m, 3), dtype=np.int64),
+        "recent_valid": np.zeros((m, 3), dtype=bool),
+    }
+    return ClickInputs(**(neutral | {name: np.asarray(value) for name, value in fields.items()}))
+
+
+def _model(base_logit: float = 0.0, hour_effect=None, weekend_effect=None) -> ClickModel:
+    """The click model with its default weights and (unless given) no context effects."""
+    n_top = len(CATEGORY_TREE)
+    return ClickModel(
+        hour_effect=np.zeros((n_top, 4)) if hour_effect is None else hour_effect,
+        weekend_effect=np.zeros(n_top) if weekend_effect is None else weekend_effect,
+        base_logit=base_logit,
+    )
+
+
+def test_click_logit_by_hand_with_default_weights():
+    hour_effect = np.zeros((len(CATEGORY_TREE), 4))
+    hour_effect[1, 2] = 0.3  # top category 1, 12:00-17:59
+    weekend_effect = np.zeros(len(CATEGORY_TREE))
+    weekend_effect[1] = -0.2
+    model = _model(-4.3, hour_effect, weekend_effect)
+    x = _inputs(
+        item_factors=[[0.4, -0.2]],
+        item_appeal=[0.2],
+        item_top=[1],
+        item_leaf=[9],
+        item_price_z=[1.5],
+        user_taste=[[1.0, 0.5]],
+        price_sensitivity=[0.5],
+        hour=[13],
+        weekday=[6],  # Sunday
+        device=[0],  # mobile
+        recent_factors=[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]],
+        recent_leaves=[[3, 9, 1]],
+        recent_valid=[[True, True, False]],
+    )
+    expected = (
+        -4.3  # base
+        + 0.2  # appeal
+        + 0.8 * 0.3  # taste: u . v = 0.4 - 0.1
+        + 1.0 * 0.1  # short term: mean recent factor (0.5, 0.5) . v = 0.2 - 0.1
+        + 0.5  # leaf 9 was clicked recently
+        + 0.3  # hour effect of top 1 in the afternoon
+        - 0.2  # weekend effect of top 1
+        - 0.7 * (0.5 + 0.4) * 1.5  # price sensitivity plus the mobile surcharge, times price_z
+    )
+    assert model.click_logit(x) == pytest.approx([expected], abs=1e-12)
+    assert expected == pytest.approx(-4.105)
+
+
+def test_recent_leaf_bonus_adds_exactly_its_weight():
+    model = _model()
+    history = {
+        "item_factors": [[0.3, -0.1]],
+        "user_taste": [[0.5, 0.2]],
+        "recent_factors": [[[0.2, 0.1], [-0.3, 0.4], [1.0, 1.0]]],
+        "recent_leaves": [[3, 9, 4]],
+        "recent_valid": [[True, True, False]],  # slot 2 holds no click yet
+    }
+    no_hit = model.click_logit(_inputs(item_leaf=[5], **history))
+    hit = model.click_logit(_inputs(item_leaf=[9], **history))
+    stale = model.click_logit(_inputs(item_leaf=[4], **history))
+    assert hit - no_hit == pytest.approx([0.5], abs=1e-12)
+    assert stale == pytest.approx(no_hit, abs=1e-12)  # an empty slot's leading item id is no click
+
+
+def test_short_term_interest_is_the_mean_of_the_recent_clicks():
+    model = _model()
+    v = [[1.0, 2.0]]
+    clicks = [[[1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]]
+    two = model.click_logit(
+        _inputs(item_factors=v, recent_factors=clicks, recent_valid=[[True, True, False]])
+    )
+    assert two == pytest.approx([1.0 * (0.5 * 1.0 + 0.5 * 2.0)], abs=1e-12)
+    none = model.click_logit(_inputs(item_factors=v, recent_factors=clicks))
+    assert none == pytest.approx([0.0], abs=1e-12)  # no click yet: no short-term term, and no 0/0
+
+
+@pytest.mark.parametrize(
+    ("sensitivity", "device", "drop"),
+    [
+        (0.5, 0, 0.7 * (0.5 + 0.4) * 2.0),  # mobile shoppers shy away from expensive items ...
+        (0.5, 1, 0.7 * (0.5 - 0.1) * 2.0),  # ... desktop shoppers less so
+        (0.5, 2, 0.7 * (0.5 + 0.1) * 2.0),
+        (0.2, 0, 0.7 * (0.2 + 0.4) * 2.0),
+    ],
+)
+def test_price_lowers_the_logit_by_sensitivity(sensitivity, device, drop):
+    model = _model()
+    user = {"price_sensitivity": [sensitivity], "device": [device], "item_factors": [[0.3, 0.4]]}
+    cheap = model.click_logit(_inputs(item_price_z=[-0.5], **user))
+    dear = model.click_logit(_inputs(item_price_z=[1.5], **user))
+    assert cheap - dear == pytest.approx([drop], abs=1e-12)
+
+
+def test_context_effects_follow_top_category_day_part_and_weekend():
+    hour_effect = np.arange(32.0).reshape(8, 4) / 10  # (n_top, 4)
+    weekend_effect = np.arange(8.0) / 100 + 1.0  # (n_top,)
+    model = _model(0.0, hour_effect, weekend_effect)
+    hours = np.arange(24)
+    by_hour = model.click_logit(_inputs(24, item_top=np.full(24, 5), item_leaf=np.full(24, 2), hour=hours))
+    assert by_hour == pytest.approx(hour_effect[5, hours // 6], abs=1e-12)  # six-hour day parts
+    days = np.arange(7)  # Monday .. Sunday
+    by_day = model.click_logit(_inputs(7, item_top=np.full(7, 5), item_leaf=np.full(7, 2), weekday=days))
+    assert by_day == pytest.approx([2.0] * 5 + [2.0 + 1.05] * 2, abs=1e-12)  # hour 0 of top 5 is 2.0
+
+
+def test_probabilities_are_the_sigmoid_of_the_logits():
+    assert _model(np.log(3.0)).click_prob(_inputs()) == pytest.approx([0.75], abs=1e-12)
+    assert _model(-np.log(3.0)).click_prob(_inputs()) == pytest.approx([0.25], abs=1e-12)
+    model = _model(-2.0)
+    x = _inputs(
+        3, item_appeal=[-3.0, 0.0, 4.0], item_price_z=[1.0, 0.0, -2.0], price_sensitivity=[0.5, 0.2, 1]
+    )
+    assert model.click_prob(x) == pytest.approx(1 / (1 + np.exp(-model.click_logit(x))), abs=1e-15)
+    assert model.purchase_prob(x) == pytest.approx(1 / (1 + np.exp(-model.purchase_logit(x))), abs=1e-15)
+
+
+def test_purchase_logit_by_hand_with_default_weights():
+    x = _inputs(
+        item_factors=[[0.4, -0.2]],
+        item_appeal=[0.5],
+        item_price_z=[1.0],
+        user_taste=[[1.0, 0.5]],
+        price_sensitivity=[0.5],
+        hour=[13],
+        weekday=[6],
+        device=[0],  # neither context nor history enters the purchase
+        recent_factors=[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]],
+        recent_valid=[[True, True, False]],
+    )
+    expected = -1.8 + 0.8 * 0.5 - 0.8 * 0.5 * 1.0 + 1.0 * (0.4 - 0.1)
+    assert _model(-4.3).purchase_logit(x) == pytest.approx([expected], abs=1e-12)
+    assert expected == pytest.approx(-1.5)
+
+
+def _recent_clicks(inter: pl.DataFrame, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, window) each row's user's last `window` clicked items strictly before it, and which slots hold one.
+
+    `inter` must be in time order (the simulator's log is)."""
+    recent = np.zeros((inter.height, window), dtype=np.int64)
+    valid = np.zeros((inter.height, window), dtype=bool)
+    history: dict[int, list[int]] = defaultdict(list)
+    for row, (user, item, click) in enumerate(inter.select("user_id", "item_id", "click").iter_rows()):
+        last = history[user][-window:]
+        recent[row, : len(last)] = last
+        valid[row, : len(last)] = True
+        if click:
+            history[user].append(item)
+    return recent, valid
+
+
+def test_oracle_column_is_the_click_model_on_the_logged_rows(data):
+    """Rebuild every logged impression's click-model inputs from the log and the latent tables: the logged
+    oracle must be the click model's probability of exactly that impression."""
+    sim = EcommerceSimulator(**SMALL, seed=0).simulate()
+    items, users, inter = sim.items, sim.users, data.interactions
+    recent, valid = _recent_clicks(inter, window=5)
+    assert valid.any(1).mean() > 0.25 and valid.all(1).sum() > 100  # the history terms are exercised
+    item, user = inter["item_id"].to_numpy(), inter["user_id"].to_numpy()
+    x = ClickInputs(
+        item_factors=items.factors[item],
+        item_appeal=items.appeal[item],
+        item_top=items.top[item],
+        item_leaf=items.leaf[item],
+        item_price_z=items.price_z[item],
+        user_taste=users.taste[user],
+        price_sensitivity=users.price_sensitivity[user],
+        hour=inter["hour"].to_numpy(),
+        weekday=inter["weekday"].to_numpy(),
+        device=inter["device"].to_numpy(),
+        recent_factors=items.factors[recent],
+        recent_leaves=items.leaf[recent],
+        recent_valid=valid,
+    )
+    # the simulator keeps the recent clicks in a ring buffer, so the mean may round differently
+    np.testing.assert_allclose(sim.click_model.click_prob(x), inter["true_click_prob"].to_numpy(), rtol=1e-12)
+    # the latent tables are the ones behind the published frames
+    assert np.array_equal(items.leaf, data.items["cat2"].to_numpy())
+    assert np.array_equal(users.age, data.users["age"].to_numpy())

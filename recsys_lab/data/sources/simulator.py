@@ -3,7 +3,7 @@
 Every impression is drawn from a known click model, so the best achievable AUC of any split (the *oracle AUC*,
 scoring impressions with their true click probability) is known and is reported next to each model's AUC.
 
-The click model has the signals the model zoo is built to find:
+The click model (`ClickModel`, the part to read or change) has the signals the model zoo is built to find:
 
 * long-term taste: user and item latent factors (`u . v`), items' factors come from their category and brand;
 * short-term interest: the mean factor of the user's last few clicks, and a bonus for the category of a recent
@@ -13,6 +13,11 @@ The click model has the signals the model zoo is built to find:
   taste from them), and a small dense "image" embedding is a noisy projection of the same factors;
 * Zipf-like popularity of both exposure and appeal, and a share of items that are only released late
   (cold-start items, described by their content features alone).
+
+`EcommerceSimulator.simulate` runs the steps in order, all drawing from one seeded generator: the catalogue
+(`Items`), the users (`Users`), the click model's context effects (`ClickModel`), who is active when
+(`Activity`), then the log itself, where a `LoggingPolicy` picks what is shown and the click model decides
+what is clicked and bought. Reordering steps or draws changes every log (and must bump `SIMULATOR_VERSION`).
 
 The simulation is vectorised over users: step k draws the k-th impression of every user that has one, so a
 history-dependent process over tens of millions of impressions costs a few hundred numpy steps, not a Python
@@ -45,6 +50,8 @@ CATEGORY_TREE: dict[str, list[str]] = {
     "books": ["novel", "cookbook", "comic", "biography", "travel guide"],
     "garden": ["lawn mower", "planter", "hose", "grill", "garden chair"],
 }
+# (top, leaf) pairs; a leaf's index is its `cat2` code. Every top has the same number of leaves.
+LEAVES: list[tuple[str, str]] = [(top, leaf) for top, leaves in CATEGORY_TREE.items() for leaf in leaves]
 # One word pair per latent dimension: an item's title carries the words of its strongest factors, so titles
 # say something about taste (the cross-encoder and text towers can learn it) without revealing it exactly.
 FACTOR_WORDS: list[tuple[str, str]] = [
@@ -157,276 +164,591 @@ class EcommerceSimulator:
         params["simulator_seed"] = params.pop("seed")
         return {"source": self.name, "simulator_version": SIMULATOR_VERSION, **params}
 
-    # ------------------------------------------------------------------------------------------------------
     def load(self) -> RawData:
+        return _to_raw_data(self.simulate())
+
+    def simulate(self) -> Simulation:
+        """Every step, in order, with the latent tables kept (for analysis and tests).
+
+        All steps draw from one generator, so the order of the steps and of the draws inside them is part of
+        the data: changing it changes every log and must bump SIMULATOR_VERSION.
+        """
         p = self.params
         rng = np.random.default_rng(p.seed)
-        K = p.latent_dim
-        n_top = len(CATEGORY_TREE)
-        leaves = [(top, leaf) for top, ls in CATEGORY_TREE.items() for leaf in ls]
-        n_leaf = len(leaves)
-        leaf_top = np.array([list(CATEGORY_TREE).index(top) for top, _ in leaves])
+        items = _draw_items(rng, p)
+        users = _draw_users(rng, p, items.leaf_center)
+        click_model = _draw_click_model(rng, p.base_logit)
+        activity = _draw_activity(rng, p, users.pref_device)
+        log = _simulate_log(rng, p.recent_window, items, users, activity, LoggingPolicy(items), click_model)
+        return Simulation(items=items, users=users, click_model=click_model, activity=activity, log=log)
 
-        # ---- items: category tree, brand, factors, price, popularity, title, image ------------------------
-        top_center = rng.normal(0, 1.0, (n_top, K))
-        leaf_center = top_center[leaf_top] + rng.normal(0, 0.6, (n_leaf, K))
-        brand_top = np.arange(p.n_brands) % n_top  # every top category gets brands
-        brand_center = rng.normal(0, 0.5, (p.n_brands, K))
-        brand_names = self._brand_names(rng, p.n_brands)
 
-        leaf_share = rng.dirichlet(np.full(n_leaf, 2.0))
-        item_leaf = rng.choice(n_leaf, size=p.n_items, p=leaf_share)
-        item_top = leaf_top[item_leaf]
-        # brand drawn among the brands of the item's top category
-        brands_of_top = [np.flatnonzero(brand_top == t) for t in range(n_top)]
-        item_brand = np.array([brands_of_top[t][rng.integers(len(brands_of_top[t]))] for t in item_top])
-        v = leaf_center[item_leaf] + brand_center[item_brand] + rng.normal(0, 0.5, (p.n_items, K))
-        v /= np.sqrt(K)  # keeps u . v of order one whatever K is
+# ---- the click model: the ground truth every impression is drawn from ---------------------------------------
+@dataclass(frozen=True, eq=False)
+class ClickInputs:
+    """What the click model sees of m impressions: the shown item, the user, the context and the recent clicks.
 
-        leaf_log_price = rng.normal(3.5, 1.0, n_leaf)
-        log_price = leaf_log_price[item_leaf] + 0.4 * v[:, 0] * np.sqrt(K) + rng.normal(0, 0.3, p.n_items)
-        price = np.round(np.exp(log_price), 2)
-        price_z = (log_price - log_price.mean()) / log_price.std()
+    Args:
+        item_factors: (m, K) latent factors `v` of the shown items.
+        item_appeal: (m,) the items' popularity appeal.
+        item_top, item_leaf: (m,) the items' top and leaf categories.
+        item_price_z: (m,) standardised log price.
+        user_taste: (m, K) latent taste `u` of the users.
+        price_sensitivity: (m,) the users' price sensitivity (positive).
+        hour: (m,) hour of day, 0..23.
+        weekday: (m,) day of week, 0 = Monday; 5 and 6 are the weekend.
+        device: (m,) index into DEVICES.
+        recent_factors: (m, R, K) factors of the user's recent clicked items, in any order.
+        recent_leaves: (m, R) their leaf categories.
+        recent_valid: (m, R) which of the R slots hold a click (False while a user has fewer than R clicks).
+    """
 
-        # Zipf popularity: exposure share and appeal both follow the rank, so "popular" is a real signal.
-        rank = rng.permutation(p.n_items) + 1
-        exposure = rank**-p.zipf_exponent
-        exposure /= exposure.sum()
-        appeal = 0.25 * np.log(exposure * p.n_items) + rng.normal(0, 0.3, p.n_items)
+    item_factors: np.ndarray
+    item_appeal: np.ndarray
+    item_top: np.ndarray
+    item_leaf: np.ndarray
+    item_price_z: np.ndarray
+    user_taste: np.ndarray
+    price_sensitivity: np.ndarray
+    hour: np.ndarray
+    weekday: np.ndarray
+    device: np.ndarray
+    recent_factors: np.ndarray
+    recent_leaves: np.ndarray
+    recent_valid: np.ndarray
 
-        is_cold = rng.random(p.n_items) < p.cold_item_fraction
-        horizon = p.n_days * SECONDS_PER_DAY
-        release_ts = np.where(is_cold, rng.uniform(0.75, 0.95, p.n_items) * horizon, 0.0).astype(np.int64)
 
-        titles = self._titles(v, item_brand, item_leaf, brand_names, leaves)
-        image_proj = rng.normal(0, 1, (K, p.image_dim)) / np.sqrt(K)
-        top_proj = rng.normal(0, 0.5, (n_top, p.image_dim))
-        image = (
-            v @ image_proj * np.sqrt(K) + top_proj[item_top] + rng.normal(0, 0.5, (p.n_items, p.image_dim))
+@dataclass(frozen=True, eq=False)
+class ClickModel:
+    """The true click and purchase logits of an impression.
+
+    The weights are deliberately not simulator parameters: a new default changes the data of every parameter
+    set, so it must bump SIMULATOR_VERSION (the cache key). The term order in `click_logit` is part of the
+    data too (floating-point sums are not associative).
+
+    Args:
+        hour_effect: (n_top, 4) logit shift of a top category in each six-hour day part (drawn per seed).
+        weekend_effect: (n_top,) logit shift of a top category on Saturdays and Sundays (drawn per seed).
+        base_logit: intercept; sets the overall click rate.
+        appeal_weight: weight of the item's popularity appeal.
+        taste_weight: weight of long-term taste, the dot product `u . v`.
+        short_term_weight: weight of short-term interest, the dot product of `v` with the mean factor of the
+            user's recent clicks.
+        recent_leaf_bonus: added when the item's leaf is the leaf of one of the recent clicks.
+        price_weight: weight of `-(price_sensitivity + device_price[device]) * price_z`.
+        device_price: extra price sensitivity per device (mobile shoppers shy away from expensive items).
+        purchase_intercept, purchase_appeal_weight, purchase_price_weight, purchase_taste_weight: the
+            purchase logit given a click, `intercept + appeal - price_sensitivity * price_z + u . v` weighted.
+    """
+
+    hour_effect: np.ndarray
+    weekend_effect: np.ndarray
+    base_logit: float
+    appeal_weight: float = 1.0
+    taste_weight: float = 0.8
+    short_term_weight: float = 1.0
+    recent_leaf_bonus: float = 0.5
+    price_weight: float = 0.7
+    device_price: tuple[float, float, float] = (0.4, -0.1, 0.1)
+    purchase_intercept: float = -1.8
+    purchase_appeal_weight: float = 0.8
+    purchase_price_weight: float = 0.8
+    purchase_taste_weight: float = 1.0
+
+    def click_logit(self, x: ClickInputs) -> np.ndarray:
+        """(m,) click logits."""
+        n_recent = x.recent_valid.sum(1)  # (m,)
+        # (m, K): short-term interest, the mean factor of the recent clicks
+        recent_mean = (x.recent_factors * x.recent_valid[..., None]).sum(1) / np.maximum(n_recent, 1)[:, None]
+        recent_leaf_hit = ((x.recent_leaves == x.item_leaf[:, None]) & x.recent_valid).any(1)  # (m,)
+        device_price = np.asarray(self.device_price)[x.device]  # (m,)
+        return (
+            self.base_logit
+            + self.appeal_weight * x.item_appeal
+            + self.taste_weight * (x.user_taste * x.item_factors).sum(1)
+            + self.short_term_weight * (recent_mean * x.item_factors).sum(1)
+            + self.recent_leaf_bonus * recent_leaf_hit
+            + self.hour_effect[x.item_top, x.hour // 6]
+            + self.weekend_effect[x.item_top] * (x.weekday >= 5)
+            - self.price_weight * (x.price_sensitivity + device_price) * x.item_price_z
         )
 
-        # ---- users: demographics drive category taste, so user features carry signal ---------------------
-        n_age, n_gender, n_region = 6, 3, 8
-        age = rng.integers(0, n_age, p.n_users)
-        gender = rng.choice(n_gender, p.n_users, p=[0.48, 0.48, 0.04])
-        region = rng.integers(0, n_region, p.n_users)
-        pref_device = rng.choice(len(DEVICES), p.n_users, p=[0.55, 0.25, 0.20])
-        age_taste = rng.normal(0, 1.0, (n_age, n_top))
-        gender_taste = rng.normal(0, 1.0, (n_gender, n_top))
-        top_logits = age_taste[age] + gender_taste[gender]
-        top_prob = np.exp(top_logits - top_logits.max(1, keepdims=True))
-        top_prob /= top_prob.sum(1, keepdims=True)
-        # two favourite leaves per user, their tops drawn from the demographic taste
-        fav_top = np.stack([_sample_rows(rng, top_prob) for _ in range(2)], 1)
-        leaves_of_top = np.arange(n_leaf).reshape(n_top, -1)
-        fav_leaf = leaves_of_top[fav_top, rng.integers(0, leaves_of_top.shape[1], fav_top.shape)]
-        u = leaf_center[fav_leaf].mean(1) + rng.normal(0, 0.5, (p.n_users, K))
-        u /= np.sqrt(K)
-        price_sensitivity = 0.3 + 0.15 * (age < 2) + 0.1 * (region % 3 == 0) + rng.gamma(2.0, 0.1, p.n_users)
-
-        # context effects
-        hour_effect = rng.normal(0, 0.4, (n_top, 4))  # four six-hour day parts
-        weekend_effect = rng.normal(0, 0.3, n_top)
-        device_price = np.array([0.4, -0.1, 0.1])  # mobile shoppers shy away from expensive items
-
-        # ---- activity and timestamps ---------------------------------------------------------------------
-        n_imp = np.clip(
-            rng.lognormal(np.log(p.impressions_per_user) - 0.32, 0.8, p.n_users).astype(np.int64),
-            3,
-            int(20 * p.impressions_per_user),
-        )
-        order = np.argsort(
-            -n_imp, kind="stable"
-        )  # most active first: at step k the active users are a prefix
-        n_sorted = n_imp[order]
-        offsets = np.concatenate([[0], np.cumsum(n_sorted)])
-        total = int(offsets[-1])
-        # day uniform, hour from a diurnal profile (evening peak), seconds uniform; then sorted per user
-        diurnal = 1.0 + 0.8 * np.sin((np.arange(24) - 14) / 24 * 2 * np.pi) ** 2
-        diurnal[:6] *= 0.3
-        diurnal /= diurnal.sum()
-        ts = (
-            rng.integers(0, p.n_days, total) * SECONDS_PER_DAY
-            + rng.choice(24, total, p=diurnal) * 3600
-            + rng.integers(0, 3600, total)
-        )
-        owner = np.repeat(np.arange(p.n_users), n_sorted)  # position in `order`
-        ts = ts[np.lexsort((ts, owner))]
-        # strictly increasing within a user (a tie would make "before" ambiguous for history features)
-        within = np.arange(total) - np.repeat(offsets[:-1], n_sorted)
-        block = owner * (10 * horizon)  # keeps users apart inside one running maximum
-        ts = np.maximum.accumulate(ts - within + block) - block + within
-        users_of_row = order[owner]
-        device = np.where(rng.random(total) < 0.7, pref_device[users_of_row], rng.integers(0, 3, total))
-        hour = (ts % SECONDS_PER_DAY) // 3600
-        weekday = (ts // SECONDS_PER_DAY + 3) % 7  # day 0 is a Thursday
-
-        # ---- exposure samplers ---------------------------------------------------------------------------
-        warm_cdf = np.cumsum(np.where(is_cold, 0.0, exposure))
-        all_cdf = np.cumsum(exposure)
-        by_leaf = np.argsort(item_leaf, kind="stable")  # items grouped by leaf
-        leaf_cum = np.cumsum(exposure[by_leaf])
-        leaf_bounds = np.searchsorted(item_leaf[by_leaf], np.arange(n_leaf + 1))
-        leaf_lo = np.concatenate([[0.0], leaf_cum])[leaf_bounds[:-1]]
-        leaf_hi = np.concatenate([[0.0], leaf_cum])[leaf_bounds[1:]]
-
-        def sample_in_leaf(leaf: np.ndarray) -> np.ndarray:
-            x = leaf_lo[leaf] + rng.random(len(leaf)) * (leaf_hi[leaf] - leaf_lo[leaf])
-            pos = np.minimum(np.searchsorted(leaf_cum, x, side="right"), leaf_bounds[leaf + 1] - 1)
-            out = by_leaf[np.minimum(np.maximum(pos, leaf_bounds[leaf]), p.n_items - 1)]
-            # a leaf may hold no item (small catalogues): show a popular item instead, as for unreleased ones
-            empty = leaf_bounds[leaf] == leaf_bounds[leaf + 1]
-            if empty.any():
-                out[empty] = np.searchsorted(
-                    all_cdf, rng.random(int(empty.sum())) * all_cdf[-1], side="right"
-                ).clip(0, p.n_items - 1)
-            return out
-
-        # ---- the history-dependent simulation, vectorised over users -------------------------------------
-        R = p.recent_window
-        recent = np.zeros(
-            (p.n_users, R), dtype=np.int64
-        )  # ring buffer of clicked items, by position in order
-        n_clicks = np.zeros(p.n_users, dtype=np.int64)
-        item_out = np.empty(total, dtype=np.int64)
-        p_out = np.empty(total)
-        click_out = np.zeros(total, dtype=np.int8)
-        purchase_out = np.zeros(total, dtype=np.int8)
-        u_o, sens_o, fav_o = u[order], price_sensitivity[order], fav_leaf[order]
-        for k in range(int(n_sorted[0])):
-            m = int(np.searchsorted(-n_sorted, -k, side="left"))  # users with more than k impressions
-            rows = offsets[:m] + k
-            t = ts[rows]
-            has_hist = n_clicks[:m] > 0
-            # exposure policy of the logging recommender: popularity, retargeting of a recent click's leaf,
-            # or a favourite leaf
-            mode = rng.random(m)
-            window = np.minimum(n_clicks[:m], R)
-            back = rng.integers(0, np.maximum(window, 1))  # one of the recent clicks, uniformly
-            last = recent[np.arange(m), (n_clicks[:m] - 1 - back) % R]
-            retarget = (mode < 0.30) & has_hist
-            personal = (mode >= 0.30) & (mode < 0.55) | ((mode < 0.30) & ~has_hist)
-            cand = np.searchsorted(all_cdf, rng.random(m) * all_cdf[-1], side="right").clip(0, p.n_items - 1)
-            cand[retarget] = sample_in_leaf(item_leaf[last[retarget]])
-            cand[personal] = sample_in_leaf(fav_o[:m][personal, rng.integers(0, 2, personal.sum())])
-            # not yet released -> the logging system shows a released popular item instead
-            unreleased = release_ts[cand] > t
-            if unreleased.any():
-                cand[unreleased] = np.searchsorted(
-                    warm_cdf, rng.random(unreleased.sum()) * warm_cdf[-1], side="right"
-                ).clip(0, p.n_items - 1)
-
-            # click model (ground truth)
-            valid = np.arange(R)[None, :] < window[:, None]  # (m, R)
-            rv = (v[recent[:m]] * valid[..., None]).sum(1) / np.maximum(window, 1)[:, None]  # (m, K)
-            recent_leaf_hit = ((item_leaf[recent[:m]] == item_leaf[cand][:, None]) & valid).any(1)
-            logit = (
-                p.base_logit
-                + appeal[cand]
-                + 0.8 * (u_o[:m] * v[cand]).sum(1)
-                + 1.0 * (rv * v[cand]).sum(1)
-                + 0.5 * recent_leaf_hit
-                + hour_effect[item_top[cand], hour[rows] // 6]
-                + weekend_effect[item_top[cand]] * (weekday[rows] >= 5)
-                - 0.7 * (sens_o[:m] + device_price[device[rows]]) * price_z[cand]
-            )
-            prob = 1.0 / (1.0 + np.exp(-logit))
-            click = rng.random(m) < prob
-            buy_logit = (
-                -1.8 + 0.8 * appeal[cand] - 0.8 * sens_o[:m] * price_z[cand] + (u_o[:m] * v[cand]).sum(1)
-            )
-            purchase = click & (rng.random(m) < 1.0 / (1.0 + np.exp(-buy_logit)))
-
-            item_out[rows], p_out[rows], click_out[rows], purchase_out[rows] = cand, prob, click, purchase
-            idx = np.flatnonzero(click)
-            recent[idx, n_clicks[idx] % R] = cand[idx]
-            n_clicks[idx] += 1
-
-        interactions = pl.DataFrame(
-            {
-                "user_id": users_of_row,
-                "item_id": item_out,
-                "timestamp": ts,
-                "hour": hour,
-                "weekday": weekday,
-                "device": device,
-                "click": click_out,
-                "purchase": purchase_out,
-                "true_click_prob": p_out,
-            }
-        ).sort(["timestamp", "user_id"])
-        users = pl.DataFrame(
-            {
-                "user_id": np.arange(p.n_users),
-                "age": age,
-                "gender": gender,
-                "region": region,
-                "pref_device": pref_device,
-            }
-        )
-        items = pl.DataFrame(
-            {
-                "item_id": np.arange(p.n_items),
-                "cat1": item_top,
-                "cat2": item_leaf,
-                "brand": item_brand,
-                "price": price,
-                "image": image.astype(np.float32),
-                "title": titles,
-                "release_ts": release_ts,
-            }
-        )
-        categorical = [
-            "age",
-            "gender",
-            "region",
-            "pref_device",
-            "cat1",
-            "cat2",
-            "brand",
-            "hour",
-            "weekday",
-            "device",
-        ]
-        return RawData(
-            interactions=interactions,
-            users=users,
-            items=items,  # release_ts is no feature: it stays out of the encoded tables
-            features={
-                **dict.fromkeys(categorical, "categorical"),
-                "price": "numeric",
-                "image": "dense_vector",
-                "title": "text",
-            },
-            labels=["click", "purchase"],
-            item_text="title",
-            oracle="true_click_prob",
+    def purchase_logit(self, x: ClickInputs) -> np.ndarray:
+        """(m,) logits of a purchase, given a click."""
+        return (
+            self.purchase_intercept
+            + self.purchase_appeal_weight * x.item_appeal
+            - self.purchase_price_weight * x.price_sensitivity * x.item_price_z
+            + self.purchase_taste_weight * (x.user_taste * x.item_factors).sum(1)
         )
 
-    # ------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
-        names: set[str] = set()
-        out = []
-        while len(out) < n:
-            name = "".join(rng.choice(SYLLABLES, rng.integers(2, 4))).capitalize()
-            if name not in names:
-                names.add(name)
-                out.append(name)
-        return out
+    def click_prob(self, x: ClickInputs) -> np.ndarray:
+        """(m,) true click probabilities: the oracle."""
+        return sigmoid(self.click_logit(x))
 
-    @staticmethod
-    def _titles(v, item_brand, item_leaf, brand_names, leaves) -> list[str]:
-        # the two strongest factors of the item, each as the word of its sign
-        top2 = np.argsort(-np.abs(v), axis=1)[:, :2]
-        titles = []
-        for i in range(len(v)):
-            words = [FACTOR_WORDS[d][0 if v[i, d] > 0 else 1] for d in top2[i]]
-            top, leaf = leaves[item_leaf[i]]
-            titles.append(f"{brand_names[item_brand[i]]} {words[0]} {words[1]} {leaf} ({top})")
-        return titles
+    def purchase_prob(self, x: ClickInputs) -> np.ndarray:
+        """(m,) probabilities of a purchase, given a click."""
+        return sigmoid(self.purchase_logit(x))
+
+
+def sigmoid(logit: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def _draw_click_model(rng: np.random.Generator, base_logit: float) -> ClickModel:
+    """The click model with this seed's context effects; its weights are the class defaults."""
+    n_top = len(CATEGORY_TREE)
+    hour_effect = rng.normal(0, 0.4, (n_top, 4))  # four six-hour day parts
+    weekend_effect = rng.normal(0, 0.3, n_top)
+    return ClickModel(hour_effect=hour_effect, weekend_effect=weekend_effect, base_logit=base_logit)
+
+
+# ---- items: category tree, brand, factors, price, popularity, cold-start release, title, image ---------------
+@dataclass(frozen=True, eq=False)
+class Items:
+    """The catalogue; row i is item i.
+
+    Args:
+        leaf_center: (n_leaf, K) latent centre of each leaf (users' tastes are drawn around their favourites).
+        top, leaf, brand: (n_items,) top category, leaf category and brand codes.
+        factors: (n_items, K) latent factors `v`, scaled so that `u . v` is of order one.
+        price: (n_items,) price in currency units, rounded to cents.
+        price_z: (n_items,) standardised log price.
+        exposure: (n_items,) share of the logging policy's popularity exposure (sums to one).
+        appeal: (n_items,) popularity appeal in the click model.
+        release_ts: (n_items,) release time in seconds; 0 for items there from the start.
+        title: the items' titles (brand, two factor words, leaf and top category).
+        image: (n_items, image_dim) dense "image" embedding.
+    """
+
+    leaf_center: np.ndarray
+    top: np.ndarray
+    leaf: np.ndarray
+    brand: np.ndarray
+    factors: np.ndarray
+    price: np.ndarray
+    price_z: np.ndarray
+    exposure: np.ndarray
+    appeal: np.ndarray
+    release_ts: np.ndarray
+    title: list[str]
+    image: np.ndarray
+
+
+def _draw_items(rng: np.random.Generator, p: SimulatorParams) -> Items:
+    K, n_top, n_leaf = p.latent_dim, len(CATEGORY_TREE), len(LEAVES)
+    leaf_top = np.array([list(CATEGORY_TREE).index(top) for top, _ in LEAVES])
+    top_center = rng.normal(0, 1.0, (n_top, K))
+    leaf_center = top_center[leaf_top] + rng.normal(0, 0.6, (n_leaf, K))
+    brand_top = np.arange(p.n_brands) % n_top  # every top category gets brands
+    brand_center = rng.normal(0, 0.5, (p.n_brands, K))
+    brand_names = _brand_names(rng, p.n_brands)
+
+    leaf_share = rng.dirichlet(np.full(n_leaf, 2.0))
+    item_leaf = rng.choice(n_leaf, size=p.n_items, p=leaf_share)
+    item_top = leaf_top[item_leaf]
+    # brand drawn among the brands of the item's top category
+    brands_of_top = [np.flatnonzero(brand_top == t) for t in range(n_top)]
+    item_brand = np.array([brands_of_top[t][rng.integers(len(brands_of_top[t]))] for t in item_top])
+    v = leaf_center[item_leaf] + brand_center[item_brand] + rng.normal(0, 0.5, (p.n_items, K))
+    v /= np.sqrt(K)  # keeps u . v of order one whatever K is
+
+    leaf_log_price = rng.normal(3.5, 1.0, n_leaf)
+    log_price = leaf_log_price[item_leaf] + 0.4 * v[:, 0] * np.sqrt(K) + rng.normal(0, 0.3, p.n_items)
+
+    # Zipf popularity: exposure share and appeal both follow the rank, so "popular" is a real signal.
+    rank = rng.permutation(p.n_items) + 1
+    exposure = rank**-p.zipf_exponent
+    exposure /= exposure.sum()
+    appeal = 0.25 * np.log(exposure * p.n_items) + rng.normal(0, 0.3, p.n_items)
+
+    is_cold = rng.random(p.n_items) < p.cold_item_fraction
+    horizon = p.n_days * SECONDS_PER_DAY
+    release_ts = np.where(is_cold, rng.uniform(0.75, 0.95, p.n_items) * horizon, 0.0).astype(np.int64)
+
+    image_proj = rng.normal(0, 1, (K, p.image_dim)) / np.sqrt(K)
+    top_proj = rng.normal(0, 0.5, (n_top, p.image_dim))
+    image = v @ image_proj * np.sqrt(K) + top_proj[item_top] + rng.normal(0, 0.5, (p.n_items, p.image_dim))
+    return Items(
+        leaf_center=leaf_center,
+        top=item_top,
+        leaf=item_leaf,
+        brand=item_brand,
+        factors=v,
+        price=np.round(np.exp(log_price), 2),
+        price_z=(log_price - log_price.mean()) / log_price.std(),
+        exposure=exposure,
+        appeal=appeal,
+        release_ts=release_ts,
+        title=_titles(v, item_brand, item_leaf, brand_names),
+        image=image,
+    )
+
+
+def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
+    names: set[str] = set()
+    out = []
+    while len(out) < n:
+        name = "".join(rng.choice(SYLLABLES, rng.integers(2, 4))).capitalize()
+        if name not in names:
+            names.add(name)
+            out.append(name)
+    return out
+
+
+def _titles(
+    v: np.ndarray, item_brand: np.ndarray, item_leaf: np.ndarray, brand_names: list[str]
+) -> list[str]:
+    # the two strongest factors of the item, each as the word of its sign
+    top2 = np.argsort(-np.abs(v), axis=1)[:, :2]
+    titles = []
+    for i in range(len(v)):
+        words = [FACTOR_WORDS[d][0 if v[i, d] > 0 else 1] for d in top2[i]]
+        top, leaf = LEAVES[item_leaf[i]]
+        titles.append(f"{brand_names[item_brand[i]]} {words[0]} {words[1]} {leaf} ({top})")
+    return titles
+
+
+# ---- users: demographics drive category taste, so user features carry signal -------------------------------
+@dataclass(frozen=True, eq=False)
+class Users:
+    """The user population; row j is user j.
+
+    Args:
+        age, gender, region, pref_device: (n_users,) demographic codes (6, 3 and 8 values; pref_device indexes
+            DEVICES).
+        fav_leaf: (n_users, 2) two favourite leaves, their tops drawn from the demographic taste.
+        taste: (n_users, K) latent taste `u`, around the centres of the favourite leaves.
+        price_sensitivity: (n_users,) higher for the young and some regions.
+    """
+
+    age: np.ndarray
+    gender: np.ndarray
+    region: np.ndarray
+    pref_device: np.ndarray
+    fav_leaf: np.ndarray
+    taste: np.ndarray
+    price_sensitivity: np.ndarray
+
+
+def _draw_users(rng: np.random.Generator, p: SimulatorParams, leaf_center: np.ndarray) -> Users:
+    n_top, n_leaf, K = len(CATEGORY_TREE), len(LEAVES), p.latent_dim
+    n_age, n_gender, n_region = 6, 3, 8
+    age = rng.integers(0, n_age, p.n_users)
+    gender = rng.choice(n_gender, p.n_users, p=[0.48, 0.48, 0.04])
+    region = rng.integers(0, n_region, p.n_users)
+    pref_device = rng.choice(len(DEVICES), p.n_users, p=[0.55, 0.25, 0.20])
+    age_taste = rng.normal(0, 1.0, (n_age, n_top))
+    gender_taste = rng.normal(0, 1.0, (n_gender, n_top))
+    top_logits = age_taste[age] + gender_taste[gender]  # (n_users, n_top)
+    top_prob = np.exp(top_logits - top_logits.max(1, keepdims=True))
+    top_prob /= top_prob.sum(1, keepdims=True)
+    fav_top = np.stack([_sample_rows(rng, top_prob) for _ in range(2)], 1)  # (n_users, 2)
+    leaves_of_top = np.arange(n_leaf).reshape(n_top, -1)  # (n_top, leaves per top)
+    fav_leaf = leaves_of_top[fav_top, rng.integers(0, leaves_of_top.shape[1], fav_top.shape)]
+    u = leaf_center[fav_leaf].mean(1) + rng.normal(0, 0.5, (p.n_users, K))
+    u /= np.sqrt(K)
+    price_sensitivity = 0.3 + 0.15 * (age < 2) + 0.1 * (region % 3 == 0) + rng.gamma(2.0, 0.1, p.n_users)
+    return Users(
+        age=age,
+        gender=gender,
+        region=region,
+        pref_device=pref_device,
+        fav_leaf=fav_leaf,
+        taste=u,
+        price_sensitivity=price_sensitivity,
+    )
 
 
 def _sample_rows(rng: np.random.Generator, prob: np.ndarray) -> np.ndarray:
     """One categorical draw per row of a (n, c) probability matrix."""
     return (prob.cumsum(1) > rng.random((len(prob), 1))).argmax(1)
+
+
+# ---- activity: how many impressions each user gets, and when ------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Activity:
+    """Every impression's user, time and context, before anything is shown.
+
+    Rows are grouped by user, the most active users first and each user's rows in time order, so the users
+    with a k-th impression are a prefix of `order` and their k-th rows are `offsets[:m] + k`.
+
+    Args:
+        order: (n_users,) user ids, most active first.
+        counts: (n_users,) impressions of each user of `order` (non-increasing).
+        offsets: (n_users + 1,) first row of each user of `order`; the last entry is the number of rows.
+        user, timestamp, hour, weekday, device: (rows,) per impression; timestamps strictly increase within a
+            user, weekday 0 is Monday.
+    """
+
+    order: np.ndarray
+    counts: np.ndarray
+    offsets: np.ndarray
+    user: np.ndarray
+    timestamp: np.ndarray
+    hour: np.ndarray
+    weekday: np.ndarray
+    device: np.ndarray
+
+
+def _draw_activity(rng: np.random.Generator, p: SimulatorParams, pref_device: np.ndarray) -> Activity:
+    n_imp = np.clip(
+        rng.lognormal(np.log(p.impressions_per_user) - 0.32, 0.8, p.n_users).astype(np.int64),
+        3,
+        int(20 * p.impressions_per_user),
+    )
+    order = np.argsort(-n_imp, kind="stable")  # most active first: at step k the active users are a prefix
+    counts = n_imp[order]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    ts = _draw_timestamps(rng, p.n_days, counts, offsets)
+    total = int(offsets[-1])
+    user = order[np.repeat(np.arange(p.n_users), counts)]
+    device = np.where(rng.random(total) < 0.7, pref_device[user], rng.integers(0, 3, total))
+    return Activity(
+        order=order,
+        counts=counts,
+        offsets=offsets,
+        user=user,
+        timestamp=ts,
+        hour=(ts % SECONDS_PER_DAY) // 3600,
+        weekday=(ts // SECONDS_PER_DAY + 3) % 7,  # day 0 is a Thursday
+        device=device,
+    )
+
+
+def _draw_timestamps(
+    rng: np.random.Generator, n_days: int, counts: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """(rows,) seconds, strictly increasing within each user's block of rows."""
+    total = int(offsets[-1])
+    # day uniform, hour from a diurnal profile (evening peak), seconds uniform; then sorted per user
+    diurnal = 1.0 + 0.8 * np.sin((np.arange(24) - 14) / 24 * 2 * np.pi) ** 2
+    diurnal[:6] *= 0.3
+    diurnal /= diurnal.sum()
+    ts = (
+        rng.integers(0, n_days, total) * SECONDS_PER_DAY
+        + rng.choice(24, total, p=diurnal) * 3600
+        + rng.integers(0, 3600, total)
+    )
+    owner = np.repeat(np.arange(len(counts)), counts)  # position in `order`
+    ts = ts[np.lexsort((ts, owner))]
+    # strictly increasing within a user (a tie would make "before" ambiguous for history features)
+    within = np.arange(total) - np.repeat(offsets[:-1], counts)
+    block = owner * (10 * n_days * SECONDS_PER_DAY)  # keeps users apart inside one running maximum
+    return np.maximum.accumulate(ts - within + block) - block + within
+
+
+# ---- exposure: the logging recommender that picks what is shown ---------------------------------------------
+class LoggingPolicy:
+    """The recommender that logged the data: retargets a recent click's leaf (30%), shows a favourite leaf
+    (25%, and whenever a user to retarget has no click yet) or a popular item (45%), all weighted by exposure.
+    An item not yet released is replaced by a popular released one.
+
+    Args:
+        items: the catalogue; its exposure shares weight every draw.
+    """
+
+    def __init__(self, items: Items) -> None:
+        self.leaf = items.leaf
+        self.release_ts = items.release_ts
+        self.popular_cdf = np.cumsum(items.exposure)  # (n_items,)
+        self.released_cdf = np.cumsum(np.where(items.release_ts > 0, 0.0, items.exposure))
+        # the exposure cdf with items grouped by leaf; leaf l owns [leaf_lo[l], leaf_hi[l]) of it
+        self.by_leaf = np.argsort(items.leaf, kind="stable")
+        self.leaf_cum = np.cumsum(items.exposure[self.by_leaf])
+        self.leaf_bounds = np.searchsorted(items.leaf[self.by_leaf], np.arange(len(LEAVES) + 1))
+        self.leaf_lo = np.concatenate([[0.0], self.leaf_cum])[self.leaf_bounds[:-1]]
+        self.leaf_hi = np.concatenate([[0.0], self.leaf_cum])[self.leaf_bounds[1:]]
+
+    def show(
+        self,
+        rng: np.random.Generator,
+        recent: np.ndarray,
+        n_clicks: np.ndarray,
+        fav_leaf: np.ndarray,
+        t: np.ndarray,
+    ) -> np.ndarray:
+        """(m,) the items shown to m users.
+
+        Args:
+            recent: (m, R) ring buffer of each user's clicked items (the n-th click is in slot n % R).
+            n_clicks: (m,) clicks so far.
+            fav_leaf: (m, 2) favourite leaves.
+            t: (m,) time of the impression.
+        """
+        m, R = recent.shape
+        has_hist = n_clicks > 0
+        mode = rng.random(m)
+        window = np.minimum(n_clicks, R)
+        back = rng.integers(0, np.maximum(window, 1))  # one of the recent clicks, uniformly
+        last = recent[np.arange(m), (n_clicks - 1 - back) % R]
+        retarget = (mode < 0.30) & has_hist
+        personal = ((mode >= 0.30) & (mode < 0.55)) | ((mode < 0.30) & ~has_hist)
+        shown = self._popular(rng, self.popular_cdf, m)
+        shown[retarget] = self._in_leaf(rng, self.leaf[last[retarget]])
+        shown[personal] = self._in_leaf(rng, fav_leaf[personal, rng.integers(0, 2, personal.sum())])
+        unreleased = self.release_ts[shown] > t
+        if unreleased.any():
+            shown[unreleased] = self._popular(rng, self.released_cdf, unreleased.sum())
+        return shown
+
+    @staticmethod
+    def _popular(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
+        """(n,) items drawn by the weights whose cumulative sum is `cdf`."""
+        return np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right").clip(0, len(cdf) - 1)
+
+    def _in_leaf(self, rng: np.random.Generator, leaf: np.ndarray) -> np.ndarray:
+        """One item of each given leaf, drawn by exposure."""
+        n_items = len(self.by_leaf)
+        lo, hi, bounds = self.leaf_lo[leaf], self.leaf_hi[leaf], self.leaf_bounds
+        x = lo + rng.random(len(leaf)) * (hi - lo)
+        pos = np.minimum(np.searchsorted(self.leaf_cum, x, side="right"), bounds[leaf + 1] - 1)
+        out = self.by_leaf[np.minimum(np.maximum(pos, bounds[leaf]), n_items - 1)]
+        # a leaf may hold no item (small catalogues): show a popular item instead, as for unreleased ones
+        empty = bounds[leaf] == bounds[leaf + 1]
+        if empty.any():
+            out[empty] = self._popular(rng, self.popular_cdf, int(empty.sum()))
+        return out
+
+
+# ---- the log: the history-dependent simulation, vectorised over users ---------------------------------------
+@dataclass(frozen=True, eq=False)
+class ImpressionLog:
+    """What happened at each row of `Activity`.
+
+    Args:
+        item: (rows,) the shown item.
+        click_prob: (rows,) its true click probability (the oracle).
+        click, purchase: (rows,) int8 outcomes; a purchase implies a click.
+    """
+
+    item: np.ndarray
+    click_prob: np.ndarray
+    click: np.ndarray
+    purchase: np.ndarray
+
+
+def _simulate_log(
+    rng: np.random.Generator,
+    recent_window: int,
+    items: Items,
+    users: Users,
+    activity: Activity,
+    policy: LoggingPolicy,
+    click_model: ClickModel,
+) -> ImpressionLog:
+    # Step k draws the k-th impression of every user who has one; users are indexed by position in `order`.
+    R, counts = recent_window, activity.counts
+    n_users, total = len(counts), int(activity.offsets[-1])
+    recent = np.zeros((n_users, R), dtype=np.int64)  # ring buffer of clicked items
+    n_clicks = np.zeros(n_users, dtype=np.int64)
+    taste, sensitivity = users.taste[activity.order], users.price_sensitivity[activity.order]
+    fav_leaf = users.fav_leaf[activity.order]
+    shown = np.empty(total, dtype=np.int64)
+    click_prob = np.empty(total)
+    click = np.zeros(total, dtype=np.int8)
+    purchase = np.zeros(total, dtype=np.int8)
+    for k in range(int(counts[0])):
+        m = int(np.searchsorted(-counts, -k, side="left"))  # users with more than k impressions
+        rows = activity.offsets[:m] + k
+        item = policy.show(rng, recent[:m], n_clicks[:m], fav_leaf[:m], activity.timestamp[rows])
+        x = ClickInputs(
+            item_factors=items.factors[item],
+            item_appeal=items.appeal[item],
+            item_top=items.top[item],
+            item_leaf=items.leaf[item],
+            item_price_z=items.price_z[item],
+            user_taste=taste[:m],
+            price_sensitivity=sensitivity[:m],
+            hour=activity.hour[rows],
+            weekday=activity.weekday[rows],
+            device=activity.device[rows],
+            recent_factors=items.factors[recent[:m]],
+            recent_leaves=items.leaf[recent[:m]],
+            recent_valid=np.arange(R)[None, :] < np.minimum(n_clicks[:m], R)[:, None],
+        )
+        prob = click_model.click_prob(x)
+        clicked = rng.random(m) < prob
+        bought = clicked & (rng.random(m) < click_model.purchase_prob(x))
+
+        shown[rows], click_prob[rows], click[rows], purchase[rows] = item, prob, clicked, bought
+        idx = np.flatnonzero(clicked)
+        recent[idx, n_clicks[idx] % R] = item[idx]
+        n_clicks[idx] += 1
+    return ImpressionLog(item=shown, click_prob=click_prob, click=click, purchase=purchase)
+
+
+# ---- the result -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Simulation:
+    """One run: the latent tables and the click model behind the log, and the log itself."""
+
+    items: Items
+    users: Users
+    click_model: ClickModel
+    activity: Activity
+    log: ImpressionLog
+
+
+def _to_raw_data(sim: Simulation) -> RawData:
+    items, users, activity, log = sim.items, sim.users, sim.activity, sim.log
+    interactions = pl.DataFrame(
+        {
+            "user_id": activity.user,
+            "item_id": log.item,
+            "timestamp": activity.timestamp,
+            "hour": activity.hour,
+            "weekday": activity.weekday,
+            "device": activity.device,
+            "click": log.click,
+            "purchase": log.purchase,
+            "true_click_prob": log.click_prob,
+        }
+    ).sort(["timestamp", "user_id"])
+    user_table = pl.DataFrame(
+        {
+            "user_id": np.arange(len(users.age)),
+            "age": users.age,
+            "gender": users.gender,
+            "region": users.region,
+            "pref_device": users.pref_device,
+        }
+    )
+    item_table = pl.DataFrame(
+        {
+            "item_id": np.arange(len(items.top)),
+            "cat1": items.top,
+            "cat2": items.leaf,
+            "brand": items.brand,
+            "price": items.price,
+            "image": items.image.astype(np.float32),
+            "title": items.title,
+            "release_ts": items.release_ts,
+        }
+    )
+    categorical = [
+        "age",
+        "gender",
+        "region",
+        "pref_device",
+        "cat1",
+        "cat2",
+        "brand",
+        "hour",
+        "weekday",
+        "device",
+    ]
+    return RawData(
+        interactions=interactions,
+        users=user_table,
+        items=item_table,  # release_ts is no feature: it stays out of the encoded tables
+        features={
+            **dict.fromkeys(categorical, "categorical"),
+            "price": "numeric",
+            "image": "dense_vector",
+            "title": "text",
+        },
+        labels=["click", "purchase"],
+        item_text="title",
+        oracle="true_click_prob",
+    )
