@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 
@@ -16,6 +15,26 @@ def _segment_starts(is_start: Tensor) -> tuple[Tensor, Tensor]:
     lengths = torch.bincount(segment_id)  # (S,)
     starts = lengths.cumsum(dim=0) - lengths  # (S,)
     return segment_id, starts
+
+
+def _check_impressions(preds: Tensor, target: Tensor) -> None:
+    """ValueError unless preds and target are [B] with 0/1 labels and NaN-free scores."""
+    if preds.ndim != 1 or preds.shape != target.shape:
+        raise ValueError(
+            f"preds and target must both be [B]; got {tuple(preds.shape)}, {tuple(target.shape)}"
+        )
+    if ((target != 0) & (target != 1)).any():
+        raise ValueError("target must contain only 0 and 1")
+    if torch.isnan(preds).any():
+        raise ValueError("preds contain NaN")
+
+
+def _exact_scores(preds: Tensor) -> Tensor:
+    """Scores in a dtype that keeps every distinction the caller made: float64 stays float64, integers become
+    float64 (exact below 2**53), lower-precision floats (bf16, fp16) are promoted to float32, exactly."""
+    if preds.dtype == torch.float64 or not preds.is_floating_point():
+        return preds.detach().double()
+    return preds.detach().float()
 
 
 def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
@@ -74,7 +93,8 @@ class GroupAUC(Metric):
     seen), `compute()` returns nan rather than raising, so that a tiny validation split does not stop training.
 
     Exact per-group AUC needs every score, so the states are lists concatenated across DDP processes.
-    Tied scores get average ranks, matching `sklearn.metrics.roc_auc_score`.
+    Tied scores get average ranks, matching `sklearn.metrics.roc_auc_score`. Scores are kept in float64 when
+    given so (and when integer); lower precisions are stored as float32.
 
     Shapes (`update`):
         preds: float [B], scores or logits (any monotone score).
@@ -101,11 +121,9 @@ class GroupAUC(Metric):
             )
         if groups.is_floating_point() or groups.dtype == torch.bool:
             raise ValueError(f"groups must be an integer tensor, got {groups.dtype}")
-        if ((target != 0) & (target != 1)).any():
-            raise ValueError("target must contain only 0 and 1")
-        if torch.isnan(preds).any():
-            raise ValueError("preds contain NaN")
-        self.preds.append(preds.detach().float())
+        _check_impressions(preds, target)
+        # Rounding float64 scores to float32 would merge distinct scores into ties.
+        self.preds.append(_exact_scores(preds))
         # uint8 keeps the label list small and is supported by NCCL and Gloo all_gather.
         self.target.append(target.detach().to(torch.uint8))
         self.groups.append(groups.detach().long())
@@ -117,11 +135,50 @@ class GroupAUC(Metric):
         return group_auc(dim_zero_cat(self.preds), dim_zero_cat(self.target), dim_zero_cat(self.groups))
 
 
+class ExactAUC(Metric):
+    """ROC AUC of raw scores (logits), exact: the Mann–Whitney statistic with average ranks for ties.
+
+    torchmetrics' `BinaryAUROC` applies a sigmoid to scores outside [0, 1], and float32 sigmoids of confident
+    logits (about 16 and above) round to exactly 1.0, turning distinct scores into ties. Here the scores are
+    ranked as given (`group_auc` with a single group), so any monotone score works and nothing is rounded.
+    As with `GroupAUC`, the states are lists concatenated across DDP processes, and `compute()` returns nan
+    when the labels seen hold a single class (or nothing was seen).
+
+    Shapes (`update`):
+        preds: float [B], scores or logits.
+        target: [B], 0/1 labels (int, bool or float).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of impressions. preds: float [B]; target: 0/1 [B]."""
+        _check_impressions(preds, target)
+        self.preds.append(_exact_scores(preds))
+        self.target.append(target.detach().to(torch.uint8))
+
+    def compute(self) -> Tensor:
+        """Scalar AUC; nan if the labels hold a single class."""
+        if isinstance(self.preds, list) and len(self.preds) == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        preds = dim_zero_cat(self.preds)  # (M,)
+        return group_auc(preds, dim_zero_cat(self.target), torch.zeros_like(preds, dtype=torch.long))
+
+
 class CTRMetrics(nn.Module):
     """AUC, GAUC and log loss of a click model, fed with logits.
 
     An `nn.Module` rather than a `MetricCollection` because the three metrics take different arguments; being
-    a module, its metric states follow `.to(device)` and Lightning's device placement.
+    a module, its metric states follow `.to(device)` and Lightning's device placement. AUC and GAUC rank the
+    logits themselves (`ExactAUC`, `GroupAUC`), never their sigmoids, which tie in float32 for confident
+    logits; both are nan when undefined (a single class).
 
     Shapes (`update`):
         logits: float [B], pre-sigmoid click scores.
@@ -131,7 +188,7 @@ class CTRMetrics(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.auroc = BinaryAUROC(thresholds=None)  # exact, not binned
+        self.auroc = ExactAUC()
         self.gauc = GroupAUC()
         self.logloss = MeanMetric()
 
@@ -140,7 +197,7 @@ class CTRMetrics(nn.Module):
         logits = logits.detach()
         # GAUC first: it validates shapes and labels with the clearest messages.
         self.gauc.update(logits, target, groups)
-        self.auroc.update(torch.sigmoid(logits), target.long())
+        self.auroc.update(logits, target)
         # From logits, not probabilities: log(sigmoid(x)) underflows to -inf for very negative x.
         losses = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")  # (B,)
         self.logloss.update(losses)

@@ -3,6 +3,13 @@
 torchmetrics' retrieval metrics keep every (query, item, score) triple until `compute()`, which does not scale
 when every query is ranked against the whole catalogue. The metrics here are means of per-query values, so the
 state is a handful of sums that `dist_reduce_fx="sum"` adds up across DDP processes.
+
+Tie policy: every metric is its expected value when ties are broken uniformly at random, computed exactly (not
+by sampling). Coarse scores (popularity counts, quantised logits) tie often; breaking ties in the relevant
+item's favour, or in whatever order `torch.topk` returns them, would inflate such baselines. For an item scored
+s, let a = #items scored strictly higher and t = #items scored exactly s (itself included): under random
+tie-breaking its rank is uniform on a+1..a+t. Recall and DCG follow by linearity of expectation; Hit@k and MRR
+depend on the best-placed relevant item and use its exact (hypergeometric) law. See `FullRankingMetrics`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from numbers import Integral
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+# Positions per chunk of the MRR sum over tie groups (see `_min_position_reciprocal_sum`): bounds its memory
+# when a popularity-like scorer ties most of the catalogue.
+_RAGGED_CHUNK = 1 << 20
 
 
 def _validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -28,6 +39,146 @@ def _validate_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in ks}))
 
 
+def _row_count(mask: Tensor) -> Tensor:
+    """int64 [B] number of True entries in each row of a bool [B, N] mask."""
+    # Accumulating in int32 is several times faster than in int64 on CPU, and N < 2**31.
+    return mask.sum(dim=1, dtype=torch.int32).long()
+
+
+def _ties_in_sorted(ascending: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, t), int64 [B, X]: #entries of each sorted row above each value, and #entries equal to it.
+
+    ascending: [B, K], every row sorted ascending; values: [B, X], same dtype.
+    """
+    at_most = torch.searchsorted(ascending, values, right=True)  # (B, X)
+    below = torch.searchsorted(ascending, values)  # (B, X)
+    return ascending.shape[1] - at_most, at_most - below
+
+
+def _ties_in_rows(scores: Tensor, values: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, t), int64 [R]: #items of each row in `rows` scored above its value, and #items scored equal to it.
+
+    scores: float [B, N]; values: [B]; rows: int64 [R], distinct.
+    """
+    if 2 * rows.numel() > scores.shape[0]:
+        # Gathering most rows would copy most of the matrix: comparing every row is cheaper.
+        value = values.unsqueeze(1)  # (B, 1)
+        return _row_count(scores > value)[rows], _row_count(scores == value)[rows]
+    subset, value = scores[rows], values[rows].unsqueeze(1)  # (R, N), (R, 1)
+    return _row_count(subset > value), _row_count(subset == value)
+
+
+def _top_tie_groups(
+    scores: Tensor,
+    target: Tensor,
+    top: Tensor,
+    top_idx: Tensor,
+    top_ascending: Tensor,
+    rows: Tensor,
+    relevant_scores: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The tie groups that can reach the top k, as (a, t, w), int64 [B, k + 1] each.
+
+    Column p < k describes the item at top-k position p when it is relevant and scored strictly above the k-th
+    largest score s_k (w = 1; otherwise w = 0). Every item scored above s_k is in the top k, so its a (#items
+    strictly higher) and t (#items tied with it, itself included) can be read off the top k alone. Column k is
+    the tie group of s_k itself: `topk` keeps an arbitrary part of it, so t is counted over the whole row, and
+    w is its number of relevant items (0 when s_k is -inf: masked items are never hits). Items scored below s_k
+    have a >= k, so they never enter a top-k metric and are left out.
+
+    Args:
+        scores: float [B, N]; target: bool [B, N].
+        top, top_idx: [B, k], `torch.topk(scores, k)`; top_ascending: float64 [B, k], `top` in ascending order.
+        rows: int64 [M], row of each relevant item; relevant_scores: [M], its score.
+    """
+    kth = top[:, -1]  # (B,)
+    a_top, t_top = _ties_in_sorted(top_ascending, top.double())  # (B, k) each
+    w_top = (target.gather(1, top_idx) & (top > kth.unsqueeze(1))).long()  # (B, k)
+
+    a_kth = _row_count(top > kth.unsqueeze(1))  # (B,)
+    in_kth_group = (relevant_scores == kth[rows]).long()  # (M,)
+    kth_finite = kth > float("-inf")  # (B,): a masked group holds no hit
+    w_kth = torch.zeros_like(a_kth).index_add_(0, rows, in_kth_group) * kth_finite  # (B,)
+    # t of a group without a relevant item is never used; untied scores rarely need the pass over N at all.
+    t_kth = torch.ones_like(a_kth)  # (B,)
+    needed = (w_kth > 0).nonzero().squeeze(1)  # (R,)
+    if needed.numel() > 0:
+        t_kth[needed] = _ties_in_rows(scores, kth, needed)[1]
+
+    a = torch.cat([a_top, a_kth.unsqueeze(1)], dim=1)  # (B, k + 1)
+    t = torch.cat([t_top, t_kth.unsqueeze(1)], dim=1)  # (B, k + 1)
+    w = torch.cat([w_top, w_kth.unsqueeze(1)], dim=1)  # (B, k + 1)
+    return a, t, w
+
+
+def _expected_hit(a: Tensor, t: Tensor, w: Tensor, cut: Tensor) -> Tensor:
+    """P(at least one relevant item in the top k) under random tie-breaking, float64 [B, n_ks].
+
+    a, t, w: int64 [B, G] tie groups as from `_top_tie_groups`; cut: int64 [n_ks] cut-offs (<= G - 1).
+    """
+    a, t, w = a.unsqueeze(2), t.unsqueeze(2), w.unsqueeze(2)  # (B, G, 1)
+    present = w > 0  # (B, G, 1)
+    # A relevant group that ends within the top k is a certain hit.
+    sure = (present & (a + t <= cut)).any(dim=1)  # (B, n_ks)
+    # Tie groups fill disjoint rank ranges, so at most one straddles position k; all its items share a and t.
+    straddle = present & (a < cut) & (a + t > cut)  # (B, G, n_ks)
+    r = (w * straddle).sum(dim=1)  # (B, n_ks): relevant items in the straddling group
+    a_s = torch.where(straddle, a, 0).amax(dim=1)  # (B, n_ks)
+    t_s = torch.where(straddle, t, 0).amax(dim=1)  # (B, n_ks)
+    free = torch.where(r > 0, cut - a_s, 0)  # (B, n_ks): m, the top-k slots left to the group, 0 < m < t
+    if not bool((free > 0).any()):  # no straddling relevant group, as with untied scores
+        return sure.double()
+    # The group's order is a uniform permutation, so P(no relevant item in its first m slots) is
+    # C(t - r, m) / C(t, m) = prod_{j < m} (1 - r / (t - j)). A product of at most m <= k log1p terms keeps full
+    # relative precision where lgamma differences of large t would not, and expm1 keeps it for P(hit) near 0.
+    j = torch.arange(int(free.max()), device=a.device)  # (M,)
+    ratio = r.unsqueeze(2) / (t_s.unsqueeze(2) - j).clamp(min=1)  # (B, n_ks, M)
+    log_miss = torch.where(j < free.unsqueeze(2), torch.log1p(-ratio.clamp(max=1.0)), 0.0).sum(dim=2)
+    p_straddle = -torch.expm1(log_miss)  # (B, n_ks)
+    return torch.where(sure, 1.0, p_straddle)
+
+
+def _min_position_reciprocal_sum(a: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """E[1 / (a + X)] for 1 < r < t by summing over X's support; int64 [Q] in, float64 [Q] out.
+
+    X is the smallest of r positions drawn without replacement from 1..t, P(X = x) = C(t - x, r - 1) / C(t, r)
+    for x = 1..t-r+1. There is no closed form, so the sum runs over a ragged [sum(t - r + 1)] vector, in chunks
+    of about `_RAGGED_CHUNK` positions.
+    """
+    a64, t64, r64 = a.double(), t.double(), r.double()
+    lengths = t - r + 1  # (Q,)
+    log_c_t_r = torch.lgamma(t64 + 1) - torch.lgamma(r64 + 1) - torch.lgamma(t64 - r64 + 1)  # (Q,)
+    out = torch.zeros_like(a64)
+    chunk = (lengths.cumsum(dim=0) - lengths) // _RAGGED_CHUNK  # (Q,)
+    for c in torch.unique(chunk).tolist():
+        rows = (chunk == c).nonzero().squeeze(1)  # (Q',)
+        length = lengths[rows]  # (Q',)
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=a.device), length)  # (P,)
+        x = torch.arange(len(owner), device=a.device) - (length.cumsum(dim=0) - length)[owner] + 1  # (P,)
+        tt, rr, xx = t64[rows][owner], r64[rows][owner], x.double()  # (P,)
+        log_c = torch.lgamma(tt - xx + 1) - torch.lgamma(rr) - torch.lgamma(tt - xx - rr + 2)  # (P,)
+        term = torch.exp(log_c - log_c_t_r[rows][owner]) / (a64[rows][owner] + xx)  # (P,)
+        out[rows] = torch.zeros_like(a64[rows]).index_add_(0, owner, term)
+    return out
+
+
+def _expected_reciprocal_rank(a: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """E[1 / rank of the best relevant item], float64 [Q], from its group: a above, t tied, r relevant (int64 [Q]).
+
+    The best rank is a + X, X the smallest of r positions drawn without replacement from 1..t.
+    """
+    a64, t64 = a.double(), t.double()
+    # r = t (t = 1 included): the group is all relevant, so its first position holds a relevant item.
+    out = 1.0 / (a64 + 1)
+    # r = 1: the rank is uniform on a+1..a+t, E = (H(a + t) - H(a)) / t, H(n) = digamma(n + 1) + Euler's gamma.
+    harmonic = (torch.digamma(a64 + t64 + 1) - torch.digamma(a64 + 1)) / t64
+    out = torch.where((r == 1) & (t > 1), harmonic, out)
+    several = ((r > 1) & (r < t)).nonzero().squeeze(1)  # (Q',)
+    if several.numel() > 0:
+        out[several] = _min_position_reciprocal_sum(a[several], t[several], r[several])
+    return out
+
+
 class FullRankingMetrics(Metric):
     """Recall@k, NDCG@k and Hit@k for each k, and MRR, over queries ranked against the full catalogue.
 
@@ -37,16 +188,26 @@ class FullRankingMetrics(Metric):
     - `hit@k` = 1 if any relevant item is in the top k;
     - `ndcg@k` = DCG@k / IDCG@k, DCG@k = sum over top-k positions p (1-based) of rel_p / log2(p + 1),
       IDCG@k = sum_{p=1..min(#relevant, k)} 1 / log2(p + 1);
-    - `mrr` = 1 / rank of the best-ranked relevant item over the whole catalogue (not truncated at k), where
-      rank = 1 + #items scored strictly higher. Ties are therefore resolved in the relevant item's favour.
+    - `mrr` = 1 / rank of the best-ranked relevant item over the whole catalogue (not truncated at k).
+
+    Ties: each per-query value is its exact expectation when tied scores are ordered uniformly at random, so no
+    metric depends on the column order or on how `torch.topk` orders ties. For a relevant item with a items
+    scored strictly higher and t items tied with it (itself included), the rank is uniform on a+1..a+t:
+
+    - recall@k adds P(rank <= k) = clamp(k - a, 0, t) / t per relevant item;
+    - DCG@k adds (C(min(a + t, k)) - C(min(a, k))) / t per relevant item, C(n) = sum_{p<=n} 1 / log2(p + 1);
+    - hit@k is 1 if a relevant group ends within the top k; otherwise, if the one tie group that straddles
+      position k holds r relevant items and gets m = k - a of the top-k slots, it is 1 - C(t - r, m) / C(t, m);
+    - mrr = E[1 / (a + X)] for the best-scored relevant group, X the smallest of r positions drawn without
+      replacement from 1..t: (H(a + t) - H(a)) / t when r = 1 (H = harmonic numbers), a sum over X otherwise.
+
+    Without ties these are the usual values. The per-query values are computed in float64, then summed into
+    the (float32) states.
 
     Masking: the caller sets items that must not be recommended (e.g. seen in training) to `-inf`. A relevant
     item scored `-inf` still counts in the denominators (#relevant, IDCG): it is a miss, never a hit, even when
-    fewer than k items are finite and `topk` returns it. If every relevant item of a query is `-inf`, that
-    query contributes 0 to every metric, MRR included.
-
-    Ties among finite scores inside the top k are broken by `torch.topk` (implementation-defined order), which
-    can move Recall/Hit at the k boundary and NDCG within the top k; MRR is tie-independent as defined above.
+    fewer than k items are finite. If every relevant item of a query is `-inf`, that query contributes 0 to
+    every metric, MRR included.
 
     Args:
         ks: cut-offs k (positive ints). k larger than the catalogue size N is clamped to N.
@@ -87,7 +248,9 @@ class FullRankingMetrics(Metric):
         if torch.isnan(scores).any():
             raise ValueError("scores contain NaN; ranking would be undefined")
 
-        num_relevant = target.sum(dim=1)  # (B,)
+        rows, cols = target.nonzero(as_tuple=True)  # (M,): the relevant items, row by row
+        relevant_scores = scores[rows, cols]  # (M,)
+        num_relevant = torch.bincount(rows, minlength=scores.shape[0])  # (B,)
         if (num_relevant == 0).any():
             n_bad = int((num_relevant == 0).sum())
             # Skipping such rows silently would change the denominator of every mean.
@@ -95,35 +258,50 @@ class FullRankingMetrics(Metric):
                 f"{n_bad} of {scores.shape[0]} rows have no relevant item; filter them out before update()"
             )
 
-        # One topk for the largest k: every smaller cut-off is a prefix of it.
+        # One topk for the largest k: every smaller cut-off only needs the groups that reach it.
         k_max = min(self.ks[-1], num_items)
-        top_scores, top_idx = torch.topk(scores, k=k_max, dim=1)  # (B, K)
-        # A masked (-inf) item can reach the top k when fewer than k items are finite; it is never a hit.
-        hits = target.gather(1, top_idx) & (top_scores > float("-inf"))  # (B, K)
-        hits = hits.to(self.recall_sum.dtype)
-
-        positions = torch.arange(1, k_max + 1, device=scores.device, dtype=hits.dtype)  # (K,)
-        discounts = 1.0 / torch.log2(positions + 1.0)  # (K,)
-        cum_hits = hits.cumsum(dim=1)  # (B, K): #hits within the first p positions
-        cum_dcg = (hits * discounts).cumsum(dim=1)  # (B, K)
-        ideal_dcg = discounts.cumsum(dim=0)  # (K,): IDCG when min(#relevant, k) = p
-
+        top, top_idx = torch.topk(scores, k=k_max, dim=1)  # (B, K), descending
+        # float64 is exact for every float dtype, and searchsorted does not take every low-precision one.
+        top_ascending = top.double().flip(1).contiguous()  # (B, K)
+        # (B, G) each, G = K + 1: the tie groups that can reach the top K.
+        a, t, w = _top_tie_groups(scores, target, top, top_idx, top_ascending, rows, relevant_scores)
         cut = torch.tensor([min(k, num_items) for k in self.ks], device=scores.device)  # (n_ks,)
-        hits_at_k = cum_hits[:, cut - 1]  # (B, n_ks)
-        dcg_at_k = cum_dcg[:, cut - 1]  # (B, n_ks)
+
+        positions = torch.arange(1, k_max + 1, device=scores.device, dtype=torch.float64)  # (K,)
+        # cum_discount[n] = C(n) = sum of the first n discounts, C(0) = 0.
+        cum_discount = torch.cat([positions.new_zeros(1), (1.0 / torch.log2(positions + 1.0)).cumsum(0)])
+        a3, t3, w3 = a.unsqueeze(2), t.unsqueeze(2), w.unsqueeze(2).double()  # (B, G, 1)
+        # Expected hits and DCG by linearity: each relevant item's rank is uniform on a+1..a+t.
+        p_in_top = (cut - a3).clamp(min=0).minimum(t3) / t3  # (B, G, n_ks)
+        hits_at_k = (w3 * p_in_top).sum(dim=1)  # (B, n_ks)
+        # (B, G, n_ks): the mean discount over the ranks a+1..a+t, those past k counting 0.
+        dcg_terms = (cum_discount[(a3 + t3).minimum(cut)] - cum_discount[a3.minimum(cut)]) / t3
+        dcg_at_k = (w3 * dcg_terms).sum(dim=1)  # (B, n_ks)
         ideal_len = torch.minimum(num_relevant.unsqueeze(1), cut.unsqueeze(0))  # (B, n_ks), >= 1
-        idcg_at_k = ideal_dcg[ideal_len - 1]  # (B, n_ks)
+        idcg_at_k = cum_discount[ideal_len]  # (B, n_ks)
 
-        self.recall_sum += (hits_at_k / num_relevant.unsqueeze(1).to(hits.dtype)).sum(dim=0)
-        self.hit_sum += (hits_at_k > 0).to(hits.dtype).sum(dim=0)
-        self.ndcg_sum += (dcg_at_k / idcg_at_k).sum(dim=0)
+        self.recall_sum += (hits_at_k / num_relevant.unsqueeze(1)).sum(dim=0).to(self.recall_sum.dtype)
+        self.hit_sum += _expected_hit(a, t, w, cut).sum(dim=0).to(self.hit_sum.dtype)
+        self.ndcg_sum += (dcg_at_k / idcg_at_k).sum(dim=0).to(self.ndcg_sum.dtype)
 
-        # MRR over the full catalogue without sorting: count the items that beat the best relevant score.
-        best_relevant = scores.masked_fill(~target, float("-inf")).amax(dim=1)  # (B,)
-        rank = 1 + (scores > best_relevant.unsqueeze(1)).sum(dim=1)  # (B,)
+        # MRR over the full catalogue from the best relevant score's tie group, without sorting the row.
+        best_relevant = relevant_scores.new_full((scores.shape[0],), float("-inf"))  # (B,)
+        best_relevant.scatter_reduce_(0, rows, relevant_scores, reduce="amax")
+        in_best_group = (relevant_scores == best_relevant[rows]).long()  # (M,)
+        r_best = torch.zeros_like(num_relevant).index_add_(0, rows, in_best_group)  # (B,)
+        # Above the k-th score the top k holds the whole group; at it, column K counted the group's full size;
+        # below it, only a pass over the row can tell, so only those rows pay for one.
+        a_best, t_best = _ties_in_sorted(top_ascending, best_relevant.double().unsqueeze(1))  # (B, 1) each
+        a_best, t_best = a_best.squeeze(1), t_best.squeeze(1)  # (B,)
+        kth = top[:, -1]  # (B,)
+        t_best = torch.where(best_relevant == kth, t[:, -1], t_best)  # (B,)
+        below_top = ((best_relevant < kth) & (best_relevant > float("-inf"))).nonzero().squeeze(1)  # (R,)
+        if below_top.numel() > 0:
+            a_best[below_top], t_best[below_top] = _ties_in_rows(scores, best_relevant, below_top)
+        reciprocal_rank = _expected_reciprocal_rank(a_best, t_best, r_best)  # (B,)
         # A query whose relevant items are all masked has no rank: it contributes 0.
-        reciprocal_rank = (best_relevant > float("-inf")).to(hits.dtype) / rank.to(hits.dtype)  # (B,)
-        self.mrr_sum += reciprocal_rank.sum()
+        reciprocal_rank = torch.where(best_relevant > float("-inf"), reciprocal_rank, 0.0)
+        self.mrr_sum += reciprocal_rank.sum().to(self.mrr_sum.dtype)
         self.count += scores.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
