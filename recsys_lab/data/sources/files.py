@@ -77,16 +77,34 @@ def file_fingerprint(paths: Iterable[str | Path]) -> str:
     data keeps the cache valid; touching a large file invalidates it (the safe direction)."""
     digest = hashlib.sha256()
     for path in sorted((Path(p) for p in paths), key=lambda p: p.name):
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0".encode())
-        if stat.st_size <= CONTENT_HASH_MAX_BYTES:
-            digest.update(file_digest(path).encode())
-        else:
-            digest.update(str(stat.st_mtime_ns).encode())
+        require_file(path, "a data file")
+        try:
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0".encode())
+            if stat.st_size <= CONTENT_HASH_MAX_BYTES:
+                digest.update(file_digest(path).encode())
+            else:
+                digest.update(str(stat.st_mtime_ns).encode())
+        except OSError as err:  # e.g. no read permission: name the file rather than a bare errno
+            raise SourceError(f"{path}: cannot be read ({err.strerror or err})") from err
     return digest.hexdigest()[:16]
 
 
 # ---- local folders -----------------------------------------------------------------------------------------
+def require_file(path: Path, what: str, key: str = "") -> None:
+    """Raise unless `path` is a regular file; `key` is the config key that set it (e.g. "data.path")."""
+    if path.is_file():
+        return
+    name = f"{key}={path}" if key else str(path)
+    state = "is a directory" if path.is_dir() else "does not exist" if not path.exists() else "is not a file"
+    raise SourceError(f"{name} {state}; expected {what}")
+
+
+def name_missing(folder: Path, names: list[str]) -> str:
+    """`names` joined for a message, each that exists in `folder` as something else marked as such."""
+    return ", ".join(f"{n} (a directory, not a file)" if (folder / n).is_dir() else n for n in names)
+
+
 def find_folder(folder: Path, required: list[str]) -> Path | None:
     """`folder` if it holds every required file, else its first sub-folder (by name) that does, else None."""
     if not folder.is_dir():
@@ -99,10 +117,13 @@ def find_folder(folder: Path, required: list[str]) -> Path | None:
     return None
 
 
-def _missing(folder: Path, required: list[str]) -> list[str]:
-    """The required files missing from `folder`, or from its sub-folder that has most of them."""
+def _missing(folder: Path, required: list[str]) -> tuple[list[str], str]:
+    """The required files missing from `folder`, or from its sub-folder that has most of them: the names, and
+    the names for a message (one that is there as a directory says so)."""
     candidates = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else [folder]
-    return min(([n for n in required if not (c / n).is_file()] for c in candidates), key=len)
+    best = min(candidates, key=lambda c: sum(not (c / n).is_file() for n in required))
+    names = [n for n in required if not (best / n).is_file()]
+    return names, name_missing(best, names)
 
 
 def _extract(archive: Path, dest: Path) -> None:
@@ -124,6 +145,11 @@ def _extract(archive: Path, dest: Path) -> None:
 def _from_path(name: str, required: list[str], path: Path, cache: Path, hint: str) -> Path:
     if not path.exists():
         raise SourceError(f"data.source.path={path} does not exist; it should be a folder holding {required}")
+    if path.is_dir() and path.name in required:
+        raise SourceError(
+            f"data.source.path={path} is a directory, but source {name!r} reads it as a file; expected the "
+            f"file {path.name} itself or the folder holding {required}"
+        )
     if path.is_file() and path.suffix == ".zip":
         _extract(path, cache)
         folder = find_folder(cache, required)
@@ -141,9 +167,9 @@ def _from_path(name: str, required: list[str], path: Path, cache: Path, hint: st
         folder = find_folder(path, required)
         where = str(path)
     if folder is None:
-        missing = _missing(cache if path.suffix == ".zip" else path, required)
+        missing, named = _missing(cache if path.suffix == ".zip" else path, required)
         raise SourceError(
-            f"source {name!r}: {', '.join(missing)} not found in {where} (nor in one sub-folder of it); put "
+            f"source {name!r}: {named} not found in {where} (nor in one sub-folder of it); put "
             f"{', '.join(missing)} into {path if path.is_dir() else cache} or set "
             f"data.source.path=<folder holding {', '.join(required)}>" + (f"; {hint}" if hint else "")
         )
@@ -254,13 +280,13 @@ def resolve_files(
         folder = find_folder(cache, required)
         if folder is None:
             raise SourceError(
-                f"source {name!r}: downloaded {list(downloads)} into {cache}, but {_missing(cache, required)} "
+                f"source {name!r}: downloaded {list(downloads)} into {cache}, but {_missing(cache, required)[0]} "
                 f"are still missing; the archive layout may have changed"
             )
         return folder
-    missing = _missing(cache, required)
+    missing, named = _missing(cache, required)
     message = (
-        f"source {name!r}: {', '.join(missing)} not found; looked in {cache} (and its sub-folders). Put "
+        f"source {name!r}: {named} not found; looked in {cache} (and its sub-folders). Put "
         f"{', '.join(missing)} into {cache} or set data.source.path=<folder holding {', '.join(required)}>"
     )
     if downloads:

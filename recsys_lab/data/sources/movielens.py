@@ -11,7 +11,8 @@ Formats read (as described in each archive's README):
 * 20m, 25m, 32m, latest-small — `ratings.csv` (`userId,movieId,rating,timestamp`) and `movies.csv`
   (`movieId,title,genres`, a title with commas is double-quoted, "(no genres listed)" means none); no users.
 * the RecBole atomic conversion of any version (`ml-<version>.inter/.item/.user`, as shipped with RecBole):
-  used when the folder holds it, e.g. `data.source.path=../shared/data/ml-100k`.
+  used when the folder holds `ml-<version>.inter`, e.g. `data.source.path=../shared/data/ml-100k`. Like the
+  GroupLens files, it must then include the items (`.item`) and, for 100k and 1m, the users (`.user`).
 
 Output (the same columns whichever format was read):
 
@@ -35,7 +36,7 @@ import polars as pl
 
 from recsys_lab.data.sources import validate
 from recsys_lab.data.sources.atomic import load_atomic
-from recsys_lab.data.sources.files import file_fingerprint, find_folder, resolve_files
+from recsys_lab.data.sources.files import file_fingerprint, find_folder, name_missing, resolve_files
 from recsys_lab.data.sources.raw import FeatureKind, RawData, SourceError
 
 SOURCE_VERSION = 1
@@ -110,6 +111,8 @@ def _read_delimited(
     try:
         frame = pl.read_csv(io.BytesIO(data), infer_schema=False, **read)
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as err:
+        if encoding == "utf-8":  # the usual cause: name the line
+            validate.check_utf8(path)
         raise SourceError(f"{path}: cannot be read; expected {expected} per line ({err})") from err
     if frame.width != len(columns):
         raise SourceError(f"{path}: found {frame.width} fields per line; expected {expected}")
@@ -129,7 +132,7 @@ def _read_csv(path: Path, columns: dict[str, pl.DataType]) -> pl.DataFrame:
     return frame
 
 
-def _int_ids(frame: pl.DataFrame, column: str, path: Path) -> pl.Series:
+def _int_ids(frame: pl.DataFrame, column: str, path: validate.File) -> pl.Series:
     """MovieLens ids are integers: check and cast."""
     validate.check_ids(frame, [column], path)
     series = frame.get_column(column)
@@ -140,13 +143,14 @@ def _int_ids(frame: pl.DataFrame, column: str, path: Path) -> pl.Series:
     if bad.any():
         row = int(bad.arg_true()[0])
         raise SourceError(
-            f"{path}: column {column!r} must hold integer ids; data row {row + 1} has {series[row]!r}"
+            f"{path}: column {column!r} must hold integer ids; {validate.at(path, row + 1)} has "
+            f"{series[row]!r}"
         )
     return ids
 
 
 def _interactions(
-    frame: pl.DataFrame, path: Path, user: str, item: str, rating: str, ts: str
+    frame: pl.DataFrame, path: validate.File, user: str, item: str, rating: str, ts: str
 ) -> pl.DataFrame:
     return pl.DataFrame(
         [
@@ -158,7 +162,7 @@ def _interactions(
     )
 
 
-def _items(frame: pl.DataFrame, path: Path, year_hint: str | None = None) -> pl.DataFrame:
+def _items(frame: pl.DataFrame, path: validate.File, year_hint: str | None = None) -> pl.DataFrame:
     """Items from `item_id`, `title` (raw), `genres` (List[str]) and an optional year hint column."""
     item_id = _int_ids(frame, "item_id", path)
     validate.check_unique(frame.with_columns(item_id), "item_id", path)
@@ -179,7 +183,7 @@ def _items(frame: pl.DataFrame, path: Path, year_hint: str | None = None) -> pl.
     )
 
 
-def _users(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
+def _users(frame: pl.DataFrame, path: validate.File) -> pl.DataFrame:
     """Users from `user_id`, `age`, `gender`, `occupation`, `zip` (strings)."""
     user_id = _int_ids(frame, "user_id", path)
     validate.check_unique(frame.with_columns(user_id), "user_id", path)
@@ -194,17 +198,18 @@ def _users(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
 
 
 def _load_100k(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    # GroupLens files have no header and no quoting: data row r is line r
     S, I64 = pl.String, pl.Int64
-    path = folder / "u.data"
+    path = validate.TextFile(folder / "u.data", header=0)
     cols = {"user_id": I64, "item_id": I64, "rating": pl.Float64, "timestamp": I64}
     inter = _interactions(
-        _read_delimited(path, cols, "\t"), path, "user_id", "item_id", "rating", "timestamp"
+        _read_delimited(path.path, cols, "\t"), path, "user_id", "item_id", "rating", "timestamp"
     )
 
-    path = folder / "u.item"
+    path = validate.TextFile(folder / "u.item", header=0)
     flags = [f"g{i}" for i in range(len(GENRES_100K))]
     cols = {"item_id": I64, "title": S, "release": S, "video_release": S, "url": S} | dict.fromkeys(flags, S)
-    frame = _read_delimited(path, cols, "|", encoding="latin-1")
+    frame = _read_delimited(path.path, cols, "|", encoding="latin-1")
     genre_list = pl.concat_list(
         [
             pl.when(pl.col(f).str.strip_chars() == "1").then(pl.lit(g))
@@ -213,39 +218,39 @@ def _load_100k(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     ).list.drop_nulls()
     items = _items(frame.with_columns(genre_list.alias("genres")), path, year_hint="release")
 
-    path = folder / "u.user"
+    path = validate.TextFile(folder / "u.user", header=0)
     cols = {"user_id": I64, "age": S, "gender": S, "occupation": S, "zip": S}
-    users = _users(_read_delimited(path, cols, "|", encoding="latin-1"), path)
+    users = _users(_read_delimited(path.path, cols, "|", encoding="latin-1"), path)
     return inter, items, users
 
 
-def _split_genres(frame: pl.DataFrame, path: Path) -> pl.DataFrame:
+def _split_genres(frame: pl.DataFrame, path: validate.File) -> pl.DataFrame:
     genres = validate.to_list(frame.get_column("genres").replace(NO_GENRES, ""), path, "|")
     return frame.with_columns(genres.fill_null([]).alias("genres"))
 
 
 def _load_1m(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     S, I64 = pl.String, pl.Int64
-    path = folder / "ratings.dat"
+    path = validate.TextFile(folder / "ratings.dat", header=0)
     cols = {"user_id": I64, "item_id": I64, "rating": pl.Float64, "timestamp": I64}
     inter = _interactions(
-        _read_delimited(path, cols, "::"), path, "user_id", "item_id", "rating", "timestamp"
+        _read_delimited(path.path, cols, "::"), path, "user_id", "item_id", "rating", "timestamp"
     )
-    path = folder / "movies.dat"
-    frame = _read_delimited(path, {"item_id": I64, "title": S, "genres": S}, "::", encoding="latin-1")
+    path = validate.TextFile(folder / "movies.dat", header=0)
+    frame = _read_delimited(path.path, {"item_id": I64, "title": S, "genres": S}, "::", encoding="latin-1")
     items = _items(_split_genres(frame, path), path)
-    path = folder / "users.dat"
+    path = validate.TextFile(folder / "users.dat", header=0)
     cols = {"user_id": I64, "gender": S, "age": S, "occupation": S, "zip": S}
-    users = _users(_read_delimited(path, cols, "::", encoding="latin-1"), path)
+    users = _users(_read_delimited(path.path, cols, "::", encoding="latin-1"), path)
     return inter, items, users
 
 
 def _load_csv(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, None]:
-    path = folder / "ratings.csv"
+    path = validate.TextFile(folder / "ratings.csv", quote='"')
     cols = {"userId": pl.Int64, "movieId": pl.Int64, "rating": pl.Float64, "timestamp": pl.Int64}
-    inter = _interactions(_read_csv(path, cols), path, "userId", "movieId", "rating", "timestamp")
-    path = folder / "movies.csv"
-    frame = _read_csv(path, {"movieId": pl.Int64, "title": pl.String, "genres": pl.String})
+    inter = _interactions(_read_csv(path.path, cols), path, "userId", "movieId", "rating", "timestamp")
+    path = validate.TextFile(folder / "movies.csv", quote='"')
+    frame = _read_csv(path.path, {"movieId": pl.Int64, "title": pl.String, "genres": pl.String})
     items = _items(_split_genres(frame.rename({"movieId": "item_id"}), path), path)
     return inter, items, None
 
@@ -254,7 +259,7 @@ def _load_atomic(folder: Path, stem: str) -> tuple[pl.DataFrame, pl.DataFrame | 
     """RecBole's conversion: `.inter` user_id/item_id/rating/timestamp, `.item` movie_title/release_year/class,
     `.user` age/gender/occupation/zip_code."""
     raw = load_atomic(folder, stem)
-    path = folder / f"{stem}.inter"
+    path = validate.TextFile(folder / f"{stem}.inter")
     fields = {"inter": ("rating", "timestamp"), "item": ("movie_title", "class"), "user": ("age", "zip_code")}
 
     def need(frame: pl.DataFrame, table: str) -> None:
@@ -267,11 +272,13 @@ def _load_atomic(folder: Path, stem: str) -> tuple[pl.DataFrame, pl.DataFrame | 
         need(raw.items, "item")
         frame = raw.items.rename({"movie_title": "title", "class": "genres"})
         items = _items(
-            frame, folder / f"{stem}.item", "release_year" if "release_year" in frame.columns else None
+            frame,
+            validate.TextFile(folder / f"{stem}.item"),
+            "release_year" if "release_year" in frame.columns else None,
         )
     if raw.users is not None:
         need(raw.users, "user")
-        users = _users(raw.users.rename({"zip_code": "zip"}), folder / f"{stem}.user")
+        users = _users(raw.users.rename({"zip_code": "zip"}), validate.TextFile(folder / f"{stem}.user"))
     return inter, items, users
 
 
@@ -318,6 +325,7 @@ class MovieLens:
                 where = where.parent
             atomic = find_folder(where, [f"{stem}.inter"])
             if atomic is not None:
+                self._check_atomic(atomic, stem)
                 self._located = ("atomic", atomic)
             else:
                 archive = f"ml-{self.version}.zip"
@@ -333,6 +341,21 @@ class MovieLens:
                 )
                 self._located = (release.layout, folder)
         return self._located
+
+    def _check_atomic(self, folder: Path, stem: str) -> None:
+        """An atomic folder must hold what the GroupLens files of the version hold: without `.item` the
+        titles, genres and years would be missing (and `data.history_features` would fail much later, far
+        from the cause); 100k and 1m also have users."""
+        needed = [f"{stem}.item"] + ([f"{stem}.user"] if RELEASES[self.version].layout != "csv" else [])
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise SourceError(
+                f"source {self.name!r}: {folder} holds RecBole's {stem}.inter but not "
+                f"{name_missing(folder, missing)}; "
+                f"MovieLens {self.version} in atomic form is {stem}.inter + {' + '.join(needed)}. Put "
+                f"{', '.join(missing)} next to {stem}.inter, or set data.path=<folder holding the GroupLens "
+                f"files {', '.join(RELEASES[self.version].files)}>"
+            )
 
     def _files(self) -> list[Path]:
         layout, folder = self._locate()

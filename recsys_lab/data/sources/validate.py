@@ -2,18 +2,92 @@
 
 Each helper takes the frame as it was read (column names as in the file), checks one column and returns it
 converted. Messages name the file, the column, what was expected and the first offending value with its data
-row (1-based, header not counted). Rows are never dropped here: filtering is a protocol choice made downstream,
-where it is counted.
+row (1-based, header not counted) and, for text files passed as a `TextFile`, the line an editor shows. Rows
+are never dropped here: filtering is a protocol choice made downstream, where it is counted.
 """
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from recsys_lab.data.sources.raw import FEATURE_KINDS, SourceError
+
+# How CSV writers, spreadsheets and databases spell a missing value (pandas' default `na_values`, plus None,
+# nil and NaT). Read as text, such an id would become one real user or item pooling unrelated rows.
+NULL_SPELLINGS = (
+    "nan", "-nan", "+nan", "null", "none", "nil", "nat", "na", "n/a", "<na>", "#n/a", "#n/a n/a", "#na",
+    "-1.#ind", "1.#ind", "-1.#qnan", "1.#qnan",
+)  # fmt: skip
+_NULL_SPELLING = r"(?i)^\s*(?:" + "|".join(re.escape(s) for s in NULL_SPELLINGS) + r")\s*$"
+_CHUNK = 2**24
+
+
+def _holds(path: Path, needle: bytes) -> bool:
+    with path.open("rb") as handle:
+        return any(needle in chunk for chunk in iter(lambda: handle.read(_CHUNK), b""))
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A delimited text file, for messages: `str()` is its path, `line(row)` the line where a data row starts.
+
+    Args:
+        path: the file.
+        header: lines before the first data row (1 for a header line, 0 for none).
+        quote: the quote character when the reader honours quoting, else None. A quoted field may span
+            lines, so the line is then counted by re-reading the file as CSV, only when a message needs it.
+        separator: the field separator (read with `quote`).
+    """
+
+    path: Path
+    header: int = 1
+    quote: str | None = None
+    separator: str = ","
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def line(self, row: int) -> int | None:
+        """The 1-based line of 1-based data row `row`; None when the file has fewer rows."""
+        if self.quote is None or not _holds(self.path, self.quote.encode()):
+            return self.header + row
+        with self.path.open(newline="", encoding="utf-8", errors="replace") as handle:
+            # csv.reader yields a blank line as an empty record, as polars reads it as a row of nulls
+            reader = csv.reader(handle, delimiter=self.separator, quotechar=self.quote)
+            for _ in range(self.header + row - 1):
+                if next(reader, None) is None:
+                    return None
+            return reader.line_num + 1
+
+
+# where a message says a value is: a path, or a TextFile for line numbers
+File = str | Path | TextFile
+
+
+def at(file: File, row: int) -> str:
+    """Where data row `row` is: "line 3, data row 2" in a text file, else "data row 2"."""
+    line = file.line(row) if isinstance(file, TextFile) else None
+    return f"data row {row}" if line is None else f"line {line}, data row {row}"
+
+
+def check_utf8(path: Path, expected: str = "UTF-8") -> None:
+    """Raise naming the line of the first byte that is not UTF-8. Readers call it after they failed, so
+    reading the whole file costs nothing on the normal path."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SourceError(
+            f"{path}: line {line} is not valid UTF-8 (byte {data[err.start : err.start + 1]!r} at offset "
+            f"{err.start}); expected {expected}: convert the file, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def _first_bad(values: pl.Series, bad: pl.Series) -> tuple[int, int, object]:
@@ -26,9 +100,7 @@ def _first_bad(values: pl.Series, bad: pl.Series) -> tuple[int, int, object]:
     return n_bad, index + 1, values[index]
 
 
-def require_columns(
-    frame: pl.DataFrame, columns: Iterable[str], file: str | Path, expected: str = ""
-) -> None:
+def require_columns(frame: pl.DataFrame, columns: Iterable[str], file: File, expected: str = "") -> None:
     """Raise if any of `columns` is not in `frame`, listing the columns the file does have."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -41,8 +113,13 @@ def check_kind(kind: str, where: str) -> None:
         raise SourceError(f"{where}: unknown feature kind {kind!r}; expected one of {list(FEATURE_KINDS)}")
 
 
-def check_ids(frame: pl.DataFrame, columns: Iterable[str], file: str | Path) -> None:
-    """Ids must be present: null, NaN and empty (or blank) strings are errors, not rows to skip."""
+def check_ids(frame: pl.DataFrame, columns: Iterable[str], file: File) -> None:
+    """Ids must be present and written one way.
+
+    Errors, not rows to skip: null, NaN and empty (or blank) strings; spellings of a missing value
+    (`NULL_SPELLINGS`, any case), which would pool unrelated rows under one id; and leading or trailing
+    whitespace, which would make " 1" and "1" two ids.
+    """
     for column in columns:
         series = frame.get_column(column)
         bad = series.is_null()
@@ -51,26 +128,44 @@ def check_ids(frame: pl.DataFrame, columns: Iterable[str], file: str | Path) -> 
         elif series.dtype.is_float():
             bad = bad | series.is_nan()
         n_bad, row, value = _first_bad(series, bad)
+        start = f"{file}: column {column!r} holds ids"
         if n_bad:
             hint = " (all of them: is the field missing or misspelled?)" if n_bad == len(series) else ""
             raise SourceError(
-                f"{file}: column {column!r} holds ids and must not be null or empty, but {n_bad} of {len(series)} "
-                f"rows are{hint}; the first is data row {row} (value {value!r})"
+                f"{start} and must not be null or empty, but {n_bad} of {len(series)} rows are{hint}; the "
+                f"first is {at(file, row)} (value {value!r})"
+            )
+        if series.dtype != pl.String:
+            continue
+        n_bad, row, value = _first_bad(series, series.str.contains(_NULL_SPELLING))
+        if n_bad:
+            raise SourceError(
+                f"{start}, but {n_bad} of {len(series)} rows hold a spelling of a missing value; the first "
+                f"is {at(file, row)} (value {value!r}). Read as text it would become one id pooling unrelated "
+                f"rows: fill in the ids or remove those rows (rejected, any case: "
+                f"{', '.join(NULL_SPELLINGS)})"
+            )
+        n_bad, row, value = _first_bad(series, series.str.contains(r"^\s|\s$"))
+        if n_bad:
+            raise SourceError(
+                f"{start}, but {n_bad} of {len(series)} rows have leading or trailing whitespace; the first "
+                f"is {at(file, row)} (value {value!r}). {value.strip()!r} and {value!r} would be two different "
+                f"ids: remove the whitespace in the file"
             )
 
 
-def check_unique(frame: pl.DataFrame, column: str, file: str | Path) -> None:
+def check_unique(frame: pl.DataFrame, column: str, file: File) -> None:
     """A feature table needs one row per id."""
     dup = frame.get_column(column).is_duplicated()
     n_bad, row, value = _first_bad(frame.get_column(column), dup)
     if n_bad:
         raise SourceError(
             f"{file}: column {column!r} must have one row per id; {n_bad} rows share an id, e.g. {value!r} "
-            f"(data row {row})"
+            f"({at(file, row)})"
         )
 
 
-def to_float(frame: pl.DataFrame, column: str, file: str | Path, *, allow_null: bool = False) -> pl.Series:
+def to_float(frame: pl.DataFrame, column: str, file: File, *, allow_null: bool = False) -> pl.Series:
     """The column as float64; a value that is not a number (or a null / NaN / "", unless allowed) is an error.
 
     With `allow_null`, NaN and "" become null.
@@ -94,27 +189,27 @@ def to_float(frame: pl.DataFrame, column: str, file: str | Path, *, allow_null: 
     if n_bad:
         null = "" if allow_null else " and not null"
         raise SourceError(
-            f"{file}: column {column!r} must be numeric{null}; {n_bad} rows are not, the first at data row "
-            f"{row} (value {value!r})"
+            f"{file}: column {column!r} must be numeric{null}; {n_bad} rows are not, the first at "
+            f"{at(file, row)} (value {value!r})"
         )
     return cast.alias(column)
 
 
-def to_label(frame: pl.DataFrame, column: str, file: str | Path) -> pl.Series:
+def to_label(frame: pl.DataFrame, column: str, file: File) -> pl.Series:
     """A 0/1 label column as int64 (booleans, 0/1 integers or floats, "0"/"1" strings)."""
     series = frame.get_column(column)
     values = series.cast(pl.Float64) if series.dtype == pl.Boolean else to_float(frame, column, file)
     n_bad, row, value = _first_bad(series, ~values.is_in([0.0, 1.0]))
     if n_bad:
         raise SourceError(
-            f"{file}: label column {column!r} must be 0 or 1; {n_bad} rows are not, the first at data row {row} "
-            f"(value {value!r})"
+            f"{file}: label column {column!r} must be 0 or 1; {n_bad} rows are not, the first at "
+            f"{at(file, row)} (value {value!r})"
         )
     return values.cast(pl.Int64).alias(column)
 
 
 def to_timestamp(
-    frame: pl.DataFrame, column: str, file: str | Path, fmt: str | None = None, *, scale: int = 1
+    frame: pl.DataFrame, column: str, file: File, fmt: str | None = None, *, scale: int = 1
 ) -> pl.Series:
     """Timestamps as int64 seconds.
 
@@ -135,7 +230,8 @@ def to_timestamp(
         as_float = number.cast(pl.Float64, strict=False)
         # integers go through Int64 directly: float64 is exact only up to 2**53
         out = number.cast(pl.Int64, strict=False).fill_null(as_float.cast(pl.Int64, strict=False))
-        bad = as_float.is_null() | as_float.is_nan() | (as_float != as_float.floor())
+        # an infinite or out-of-range number has no int64 value: it would become a silent null
+        bad = as_float.is_null() | as_float.is_nan() | (as_float != as_float.floor()) | out.is_null()
         hint = " (set data.source.timestamp_format to parse date strings)" if dtype == pl.String else ""
         expect = f"integer seconds since the epoch{hint}"
     else:
@@ -143,15 +239,15 @@ def to_timestamp(
     n_bad, row, value = _first_bad(series, bad)
     if n_bad:
         raise SourceError(
-            f"{file}: column {column!r} must hold {expect}; {n_bad} rows do not, the first at data row {row} "
-            f"(value {value!r})"
+            f"{file}: column {column!r} must hold {expect}; {n_bad} rows do not, the first at "
+            f"{at(file, row)} (value {value!r})"
         )
     if scale != 1:
         out = out // scale
     return out.cast(pl.Int64).alias(column)
 
 
-def to_list(series: pl.Series, file: str | Path, separator: str) -> pl.Series:
+def to_list(series: pl.Series, file: File, separator: str) -> pl.Series:
     """A multi-valued column as List[str]: lists pass through, strings are split on `separator`.
 
     Parts are stripped and empty parts removed; "" and null are the empty list (an empty CSV or atomic field
@@ -168,7 +264,7 @@ def to_list(series: pl.Series, file: str | Path, separator: str) -> pl.Series:
     return parts.list.eval(pl.element().filter(pl.element() != ""))
 
 
-def to_vector(series: pl.Series, file: str | Path, separator: str = " ") -> pl.Series:
+def to_vector(series: pl.Series, file: File, separator: str = " ") -> pl.Series:
     """A fixed-length float vector column as List[f64]: lists pass through, strings are split on `separator`."""
     if series.dtype == pl.String:
         parts = to_list(series, file, separator)
@@ -178,7 +274,7 @@ def to_vector(series: pl.Series, file: str | Path, separator: str = " ") -> pl.S
         if n_bad:
             raise SourceError(
                 f"{file}: column {series.name!r} must hold {separator!r}-separated numbers; {n_bad} rows do not, "
-                f"the first at data row {row} (value {value!r})"
+                f"the first at {at(file, row)} (value {value!r})"
             )
     elif isinstance(series.dtype, (pl.List, pl.Array)) and series.dtype.inner.is_numeric():
         vectors = series.cast(pl.List(pl.Float64))
