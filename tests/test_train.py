@@ -162,32 +162,3 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "config error: trainer.max_epochs=-1: expected a positive integer" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_wandb_offline_smoke(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg(
-        [
-            *model_overrides("din", tmp_path)[:-1],
-            "logger=wandb",
-            "trainer.max_epochs=1",
-            "+trainer.limit_train_batches=2",
-            "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1",
-        ]
-    )
-    train(cfg)
-    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    logs = list(runs[0].glob("run-*.wandb"))
-    assert len(logs) == 1, "the offline run log was not written"
-    # the transaction log (protobuf records) holds the logged config and metrics as plain strings
-    blob = logs[0].read_bytes()
-    for needle in (
-        b"git_commit",
-        b"data_fingerprint",
-        b"recsys_lab.models.din.DIN",
-        b"test/auc",
-        b"oracle_auc",
-    ):
-        assert needle in blob, needle
