@@ -1,28 +1,38 @@
 """The one entry point: `python train.py model=din data=ecommerce` (see README for groups and overrides).
 
 Order matters: the DataModule is built and prepared first, because the model's schema (feature names,
-vocabulary sizes, training statistics) comes from the data at run time.
+vocabulary sizes, training statistics) comes from the data at run time. Then the task names the data view it
+trains on, and the view's evaluation context is wired into the task once (`build`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_lab.data.datamodule import RecDataModule
+from recsys_lab.tasks.base import RecTask
+from recsys_lab.utils.callbacks import RandomState
 from recsys_lab.utils.pretrained import register_resolvers
 from recsys_lab.utils.run import (
-    ConfigError,
     RunMetadata,
     best_score,
+    check_metric_names,
+    check_optimizer,
     finish_loggers,
     git_commit,
     instantiate_callbacks,
     instantiate_loggers,
+    load_checkpoint,
     stage_metrics,
+    training_summary,
+    user_error_message,
     validate_config,
     write_results,
 )
@@ -32,8 +42,9 @@ register_resolvers()
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """DataModule (prepared) and task for a config; shared by training and `scripts/evaluate.py`."""
+def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
+    """DataModule (prepared, serving the task's view) and task (connected to the view's evaluation) for a
+    config; shared by training, `scripts/evaluate.py` and `scripts/benchmark.py`."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -45,17 +56,23 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(
         net=net, schema=datamodule.schema
     )
-    datamodule.set_view(task.view)
+    view = datamodule.use_view(task.view)
+    task.connect(view.eval_context())
+    check_optimizer(task)
     return datamodule, task
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, print and save the results; returns the results dict."""
     validate_config(cfg)
+    resume = cfg.get("ckpt_path")
+    if resume:
+        load_checkpoint(resume)  # a missing, truncated or foreign file stops here, before data preparation
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, task = build(cfg)
     if cfg.monitor is None:  # null = the objective's headline metric under this data's evaluation
-        OmegaConf.update(cfg, "monitor", task.default_monitor(datamodule.evaluation))
+        OmegaConf.update(cfg, "monitor", task.default_monitor())
+    check_metric_names(cfg, task)  # a typo in `monitor` fails now, not after an epoch of training
     output_dir = Path(cfg.paths.output_dir)
     commit = git_commit()
     run_info = {
@@ -65,14 +82,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "protocol": datamodule.describe(),
     }
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState()]
+    # On resume the sanity-check validation would draw from the just-restored random generators.
+    extra = {"num_sanity_val_steps": 0} if resume else {}
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra
+    )
+    training = training_summary(trainer, datamodule)
+    run_info["training"] = training
     for logger in loggers:
         logger.log_hyperparams(run_info)
 
     try:
         if cfg.get("train"):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
         metrics: dict[str, float] = {}
         best = best_score(trainer)
         if best is not None:
@@ -80,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test"):
             ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
-            tested, reference = stage_metrics(trainer, datamodule, "test")
+            tested, reference = stage_metrics(trainer, datamodule.view, "test")
             metrics.update(tested | reference)
             for logger in loggers if reference else []:
                 logger.log_metrics(reference)
@@ -93,6 +116,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "git_commit": commit,
             "data_fingerprint": run_info["data_fingerprint"],
             "protocol": run_info["protocol"],
+            "training": training,
             "best_checkpoint": trainer.checkpoint_callback.best_model_path
             if trainer.checkpoint_callback
             else None,
@@ -109,8 +133,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
-    except ConfigError as err:  # one clear line, no traceback, for a wrong override
-        raise SystemExit(f"config error: {err}") from None
+    except (ValueError, RuntimeError, OSError, InstantiationException) as err:
+        # Bad input (a config value, a data file, a cache, a checkpoint) is one clear line, no traceback.
+        message = user_error_message(err)
+        if message is None or os.environ.get("RECSYS_LAB_TRACEBACK"):
+            raise
+        raise SystemExit(message) from None
     # sweepers (Optuna) maximise what main returns
     metric = cfg.get("optimized_metric")
     if metric is None:

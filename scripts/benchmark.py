@@ -170,37 +170,28 @@ def measure_eval(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
 ) -> float:
-    """Scored (query, item) pairs per second of the validation step on validation batches."""
+    """Scored (query, item) pairs per second of the task's public evaluation API on validation batches."""
     task.eval()
-    ranking = datamodule.evaluation == "ranking"
-    if ranking:
-        with autocast():
-            # what RecTask.on_validation_epoch_start does, without needing a Trainer attached
-            task.ranking.start(task.net, datamodule, device)
+    with autocast():
+        task.begin_evaluation("val")  # encodes the catalogue once for encoder models, as each epoch does
     batches = endless(datamodule.val_dataloader())
     pairs, elapsed = 0, 0.0
     for step in range(warmup + n_batches):
         batch = next(batches).to(device)
         sync(device)
         start = time.perf_counter()
-        with autocast(), torch.no_grad():
-            if ranking:
-                task.ranking.step(task.net, datamodule, batch, "val")
-            else:
-                task._impression_step(batch, "val")
+        with autocast():
+            task.evaluate_batch(batch, "val")
         sync(device)
         if step >= warmup:
             elapsed += time.perf_counter() - start
-            if not ranking:
+            if batch.eval is None:
                 pairs += len(batch)  # one impression per row
-            elif "eval.candidates" in batch.seq:
-                pairs += int(batch.seq["eval.candidates"].lengths.sum())
+            elif batch.eval.candidates is not None:
+                pairs += int(batch.eval.candidates.lengths.sum())
             else:
                 pairs += len(batch) * datamodule.schema.num_items
-    if ranking:
-        task.ranking.end("val")
-    else:
-        task.metrics["val"].reset()
+    task.end_evaluation("val")
     return pairs / elapsed
 
 
@@ -226,7 +217,7 @@ def benchmark_model(model: str, overrides: list[str], args: argparse.Namespace) 
         "net": cfg.model.net._target_,
         "batch_size": datamodule.batch_size,
         "eval_batch_size": datamodule.eval_batch_size,
-        "catalogue_items": datamodule.schema.num_items if datamodule.evaluation == "ranking" else None,
+        "catalogue_items": datamodule.schema.num_items if task.evaluation == "ranking" else None,
         "gather_rows_per_s": gather,
         "train_samples_per_s": train,
         "eval_pairs_per_s": evaluate,

@@ -11,21 +11,22 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.train import CONFIG_DIR, build
-from recsys_lab.utils.run import ConfigError, stage_metrics, write_results
+from recsys_lab.utils.run import (
+    ConfigError,
+    load_checkpoint,
+    stage_metrics,
+    user_error_message,
+    write_results,
+)
 
 
 def evaluate(cfg: DictConfig) -> dict:
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not a readable PyTorch checkpoint ({err})") from err
+    checkpoint = load_checkpoint(cfg.ckpt_path)
     run = checkpoint.get("recsys_lab_run")
     if run is None:
         raise ConfigError(
@@ -50,7 +51,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_stage = trainer.test if cfg.stage == "test" else trainer.validate
     # the Lightning checkpoint restores the weights; the task's on_load_checkpoint checks model and schema
     run_stage(task, datamodule=datamodule, ckpt_path=str(path))
-    metrics, reference = stage_metrics(trainer, datamodule, cfg.stage)
+    metrics, reference = stage_metrics(trainer, datamodule.view, cfg.stage)
     metrics.update(reference)
     results = {
         "metrics": metrics,
@@ -72,8 +73,11 @@ def evaluate(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    except (ValueError, RuntimeError, OSError, InstantiationException) as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from recsys_lab.train import CONFIG_DIR  # noqa: E402  (also registers the resolvers)
-
 from tests.helpers import REPO, SMALL_DATA  # noqa: E402,F401  (re-exported for older imports)
 
 

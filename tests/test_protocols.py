@@ -17,6 +17,7 @@ from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.data.processing import Preprocess
 from recsys_lab.data.sources.raw import RawData
 from recsys_lab.data.splits import LeaveOneOutSplit, PreSplit, RandomRatioSplit
+from recsys_lab.data.views import RetrievalView
 from recsys_lab.train import train
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -75,7 +76,7 @@ def decode(dm: RecDataModule, codes) -> list[int]:
 
 
 def dm_items(dm: RecDataModule) -> dict[int, int]:
-    prepared = dm._prepared()
+    prepared = dm.prepared()
     return dict(
         zip(prepared.items["item_id_code"].to_list(), prepared.items["item_id"].to_list(), strict=True)
     )
@@ -91,12 +92,12 @@ def test_leave_one_out_queries_and_histories_by_hand(tmp_path):
     # val: a->3 and b->3 are unknown, c->2 is known (one query); test: 4, 5, 4 are all unknown (no query)
     assert dm.counts["val_targets_unknown_item"] == 2 and dm.counts["val_queries"] == 1
     assert dm.counts["test_targets_unknown_item"] == 3 and dm.counts["test_queries"] == 0
-    (only,) = dm.queries["val"]["users"].tolist()
-    assert dm._prepared().users["user_id"][only] == "c"
-    assert decode(dm, dm.queries["val"]["targets"].values) == [2]
-    assert decode(dm, dm.queries["val"]["seen"].values) == [1]
+    (only,) = dm.queries["val"].users.tolist()
+    assert dm.prepared().users["user_id"][only] == "c"
+    assert decode(dm, dm.queries["val"].targets.values) == [2]
+    assert decode(dm, dm.queries["val"].seen.values) == [1]
     # histories: a's test row (item 4, t=4) sees 1, 2, 3 (train + val, strictly before); its val row sees 1, 2
-    rows = dm._prepared().rows
+    rows = dm.prepared().rows
     a_test = int(np.flatnonzero((rows["timestamp"] == 4).to_numpy() & (rows["split"] == 2).to_numpy())[0])
     a_val = int(np.flatnonzero((rows["timestamp"] == 3).to_numpy() & (rows["split"] == 1).to_numpy())[0])
     batch = dm.store.impressions(torch.tensor([a_test, a_val]))
@@ -118,18 +119,18 @@ def test_leave_one_out_ranking_targets_by_hand(tmp_path):
     dm = toy_module(tmp_path, interactions=pl.concat([toy(), extra]))
     q = dm.queries["test"]
     # d and e hold out 6 (val) and 7 (test), unknown to training: they get no test query
-    users = dm._prepared().users["user_id"].to_list()
-    by_user = {users[int(u)]: i for i, u in enumerate(q["users"])}
+    users = dm.prepared().users["user_id"].to_list()
+    by_user = {users[int(u)]: i for i, u in enumerate(q.users)}
     assert sorted(by_user) == ["a", "b", "c"]
     assert dm.counts["test_targets_unknown_item"] == 2
     i = by_user["a"]
-    assert decode(dm, q["targets"].gather(torch.tensor([i])).ids[0]) == [4]
-    assert sorted(decode(dm, q["seen"].gather(torch.tensor([i])).ids[0])) == [1, 2, 3]
+    assert decode(dm, q.targets.gather(torch.tensor([i])).ids[0]) == [4]
+    assert sorted(decode(dm, q.seen.gather(torch.tensor([i])).ids[0])) == [1, 2, 3]
     i = by_user["b"]
-    assert decode(dm, q["targets"].gather(torch.tensor([i])).ids[0]) == [5]
-    assert sorted(decode(dm, q["seen"].gather(torch.tensor([i])).ids[0])) == [2, 3]
+    assert decode(dm, q.targets.gather(torch.tensor([i])).ids[0]) == [5]
+    assert sorted(decode(dm, q.seen.gather(torch.tensor([i])).ids[0])) == [2, 3]
     # query histories hold all positives of the earlier splits (train + val for test)
-    batch = dm.dataset("test").__getitems__([by_user["a"]])
+    batch = dm.use_view(RetrievalView).eval_dataset("test").__getitems__([by_user["a"]])
     assert decode(dm, batch.seq["hist_item_id"].ids[0, :3]) == [1, 2, 3]
     assert dm.audit_report["status"] == "passed"
 
@@ -169,7 +170,7 @@ def test_audit_catches_training_histories_built_from_the_future(tmp_path):
     )
     assert dm.audit_report["status"] == "passed"
     # a buggy pipeline that builds training histories from every earlier click, held-out ones included
-    rows = dm._prepared().rows
+    rows = dm.prepared().rows
     user, ts = rows["user"].to_numpy(), rows["timestamp"].to_numpy()
     train = rows["split"].to_numpy() == 0
     leaked = dm.store.n_prior.clone()
@@ -178,7 +179,7 @@ def test_audit_catches_training_histories_built_from_the_future(tmp_path):
     assert (leaked != dm.store.n_prior).any()  # the leak is real on this split
     dm.store.n_prior = leaked
     with pytest.raises(LeakageError, match="split-0 row's history has"):
-        audit(dm._prepared(), dm.store, dm.queries, dm.item_counts)
+        audit(dm.prepared(), dm.store, dm.queries)
 
 
 def write_ml100k(folder: Path, rng: np.random.Generator, users: int = 30, items: int = 40) -> Path:

@@ -225,13 +225,14 @@ def test_sampled_ranking_layout_and_exclusion(kind):
         assert len(negs) == n * len(own)
         assert not hit[q, negs].any()
         assert not torch.isin(negs, own).any()
+        assert len(negs.unique()) == len(negs)  # drawn without replacement
 
 
 def test_sampled_ranking_reproducible():
     query_users, targets, exclude, _, counts, n_items = _eval_setup()
 
     def draw(seed: int, kind: str = "uniform") -> Ragged:
-        return SampledRanking(kind=kind, n=20, seed=seed).candidates(
+        return SampledRanking(kind=kind, n=5, seed=seed).candidates(
             query_users, targets, exclude, n_items, counts
         )
 
@@ -248,19 +249,23 @@ def test_sampled_ranking_tiny_case():
     cand = SampledRanking(n=3, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
     assert cand.offsets.tolist() == [0, 4]
     assert cand.values[0] == 3
-    assert set(cand.values[1:].tolist()) <= {0, 2, 4}
-    # Many draws reach every remaining item.
-    many = SampledRanking(n=200, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
-    assert set(many.values[1:].tolist()) == {0, 2, 4}
+    assert sorted(cand.values[1:].tolist()) == [0, 2, 4]  # distinct: exactly the three remaining items
+    # a fourth distinct negative does not exist: one clear error with the numbers, never a repeat
+    with pytest.raises(ValueError, match=r"user entity 0 needs 4 \(1 targets x 4\) but only 3 of the 5"):
+        SampledRanking(n=4, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
+    with pytest.raises(ValueError, match=r"100000 negatives per target cannot be drawn without replacement"):
+        SampledRanking(n=100000).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
 
 
 def test_sampled_ranking_excludes_targets_outside_exclude():
     """Targets need not be in `exclude`; they are still never drawn as their row's negatives."""
     exclude = PositiveSet(torch.tensor([0]), torch.tensor([0]), 5)
     targets = Ragged(torch.tensor([1, 2]), torch.tensor([0, 2]))
-    cand = SampledRanking(n=50, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
+    cand = SampledRanking(n=1, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
     assert cand.values[:2].tolist() == [1, 2]
-    assert set(cand.values[2:].tolist()) == {3, 4}
+    assert sorted(cand.values[2:].tolist()) == [3, 4]
+    with pytest.raises(ValueError, match="only 2 of the 5 samplable items"):  # the targets count as taken
+        SampledRanking(n=2, seed=0).candidates(torch.tensor([0]), targets, exclude, 5, torch.ones(5))
 
 
 def test_sampled_ranking_allowed_and_popularity_zero_counts():
@@ -269,7 +274,7 @@ def test_sampled_ranking_allowed_and_popularity_zero_counts():
     allowed[:10] = False
     counts = torch.ones(n_items)
     counts[-5:-1] = 0  # never drawn by popularity
-    cand = SampledRanking(kind="popularity", n=10, seed=0).candidates(
+    cand = SampledRanking(kind="popularity", n=4, seed=0).candidates(
         query_users, targets, exclude, n_items, counts, allowed=allowed
     )
     lengths = targets.offsets.diff()
@@ -290,11 +295,28 @@ def test_sampled_ranking_validation_and_describe():
         "eval_candidates_kind": "popularity",
         "eval_candidates_n": 100,
         "eval_candidates_seed": 3,
+        "eval_candidates_replacement": False,
     }
     full = FullRanking()
     assert full.name == "full" and full.describe() == {"eval_candidates": "full"}
     query_users, targets, exclude, _, counts, n_items = _eval_setup()
     assert full.candidates(query_users, targets, exclude, n_items, counts) is None
+
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity"])
+def test_sampled_ranking_takes_every_eligible_item_when_asked_for_all(kind):
+    """Each user has 4 positives among 12 items and one target: n=8 must return exactly the 8 other items,
+    which rejection alone rarely finds (the exact Gumbel top-k fallback completes them)."""
+    g = torch.Generator().manual_seed(0)
+    positives = torch.stack([torch.randperm(12, generator=g)[:4] for _ in range(6)])  # (6, 4)
+    users = torch.arange(6).repeat_interleave(4)
+    exclude = PositiveSet(users, positives.reshape(-1), 12)
+    targets = Ragged(positives[:, 0].clone(), torch.arange(7))
+    counts = torch.arange(1.0, 13.0)
+    cand = SampledRanking(kind=kind, n=8, seed=0).candidates(torch.arange(6), targets, exclude, 12, counts)
+    for q in range(6):
+        negs = cand.values[cand.offsets[q] + 1 : cand.offsets[q + 1]]
+        assert sorted(negs.tolist()) == sorted(set(range(12)) - set(positives[q].tolist()))
 
 
 def test_sampled_ranking_no_queries():

@@ -28,8 +28,10 @@ def _count_before(user: np.ndarray, ts: np.ndarray, pool_user: np.ndarray, pool_
     )
 
 
-def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
-    """Run every check; raise LeakageError naming the first violation; return a summary for the results."""
+def audit(prepared, store, queries: dict) -> dict:
+    """Run every check on a prepared dataset (`Prepared`), its `FeatureStore` and its ranking queries
+    (`QuerySet` per stage); raise LeakageError naming the first violation; return a summary for the results."""
+    item_counts = store.item_counts
     rows = prepared.rows
     user, item = rows["user"].to_numpy(), rows["item"].to_numpy()
     ts, split = rows["timestamp"].to_numpy(), rows["split"].to_numpy().astype(np.int64)
@@ -87,7 +89,7 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
     # 4. ranking queries: held-out targets are not in the query's history; candidates are never positives
     all_pos = set()  # built lazily only if candidates exist
     for stage, q in queries.items():
-        targets, seen = q["targets"], q["seen"]
+        targets, seen = q.targets, q.seen
         n_rows = len(targets.offsets) - 1
         t_owner = np.repeat(np.arange(n_rows), targets.lengths(torch.arange(n_rows)).numpy())
         s_owner = np.repeat(np.arange(n_rows), seen.lengths(torch.arange(n_rows)).numpy())
@@ -98,14 +100,14 @@ def audit(prepared, store, queries: dict, item_counts: torch.Tensor) -> dict:
             raise LeakageError(
                 f"leakage audit: a {stage} query's target is in the user's history (seen items)"
             )
-        if q["candidates"] is not None:
+        if q.candidates is not None:
             if not all_pos:
                 all_pos = {
                     "keys": np.unique(
                         user[positive].astype(np.int64) * len(item_counts) + item_code[item[positive]]
                     )
                 }
-            cands, users = q["candidates"], q["users"]
+            cands, users = q.candidates, q.users
             owner = torch.repeat_interleave(torch.arange(n_rows), cands.lengths(torch.arange(n_rows)))
             n_targets = targets.lengths(torch.arange(n_rows))
             position = torch.arange(len(cands.values)) - cands.offsets[owner]

@@ -1,14 +1,29 @@
 """The one batch type every model reads: named features with explicit lengths.
 
-Batches are gathered whole with tensor indexing (see `recsys_lab.data.datasets`), never one Python sample at a
-time. Lightning moves a `Batch` to the device through `apply_to_collection`, which walks dataclasses and dicts.
+Batches are gathered whole with tensor indexing (see `recsys_lab.data.store`), never one Python sample at a time.
+Lightning moves a `Batch` to the device through `apply_to_collection`, which walks dataclasses and dicts; the
+methods here walk the same structure generically (`_map`), so a new group of fields needs no new code.
+
+Conventions every model and task relies on:
+
+* `forward(batch) -> logits [B]` is a model's main head. A model with several heads (multi-task rankers) also
+  offers `forward_heads(batch) -> dict[str, Tensor]` (each [B], keyed by label name), and `forward` returns the
+  head of its first label, so single-objective tasks and evaluation keep working unchanged.
+* Position-wise supervision (next-item training, masked-item prediction) travels in `batch.targets`, aligned
+  with an input sequence of `batch.seq`.
+* What evaluation needs besides the features (the items to find, to mask, the stored candidates) travels in
+  `batch.eval`, never among the features, so a model cannot read it by accident.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -30,6 +45,33 @@ class Seq:
 
 
 @dataclass
+class PositionTargets:
+    """Targets at every position of an input sequence (e.g. the next item after each prefix).
+
+    ids: int64 [B, L], the target at each position; mask: bool [B, L], True where the position is supervised
+    (a causal model supervises every real position, a masked-item model only the masked ones).
+    """
+
+    ids: Tensor
+    mask: Tensor
+
+
+@dataclass
+class EvalTargets:
+    """What ranking evaluation needs about a query besides its features.
+
+    user: int64 [B], the query's user entity (lets the evaluator build (query, candidate) pairs);
+    targets: item codes to find; seen: item codes to mask (interacted with before the period);
+    candidates: for sampled protocols, the stored candidate codes (targets first, then negatives), else None.
+    """
+
+    user: Tensor
+    targets: Seq
+    seen: Seq
+    candidates: Seq | None = None
+
+
+@dataclass
 class Batch:
     """Named features of B rows.
 
@@ -39,6 +81,8 @@ class Batch:
         dense: float32 [B] or [B, D].
         labels: float32 [B] targets ("click", "purchase", ...).
         text: token tensors for language models, int64 [B, T] ("input_ids", "attention_mask", ...).
+        targets: position-wise targets aligned with a seq feature (`PositionTargets`, [B, L]).
+        eval: ranking-evaluation targets of query batches (`EvalTargets`), None for training batches.
     """
 
     sparse: dict[str, Tensor] = field(default_factory=dict)
@@ -46,53 +90,76 @@ class Batch:
     dense: dict[str, Tensor] = field(default_factory=dict)
     labels: dict[str, Tensor] = field(default_factory=dict)
     text: dict[str, Tensor] = field(default_factory=dict)
+    targets: dict[str, PositionTargets] = field(default_factory=dict)
+    eval: EvalTargets | None = None
 
     def __len__(self) -> int:
-        for group in (self.sparse, self.dense, self.labels, self.text):
-            for value in group.values():
-                return int(value.shape[0])
-        for value in self.seq.values():
-            return int(value.ids.shape[0])
-        return 0
+        first = next(_tensors(self), None)
+        return 0 if first is None else int(first.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy on `device` (Lightning moves training batches itself; this is for batches we build)."""
-        return Batch(
-            sparse={k: v.to(device) for k, v in self.sparse.items()},
-            seq={k: Seq(v.ids.to(device), v.lengths.to(device)) for k, v in self.seq.items()},
-            dense={k: v.to(device) for k, v in self.dense.items()},
-            labels={k: v.to(device) for k, v in self.labels.items()},
-            text={k: v.to(device) for k, v in self.text.items()},
-        )
+        return _map(self, lambda t: t.to(device))
+
+    def select(self, index: Tensor) -> Batch:
+        """Rows `index` of every field (used to take sub-batches, e.g. the clicked rows)."""
+        return _map(self, lambda t: t[index])
 
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
-        """Rows of several batches with the same features, one after another (sequences padded to the
-        longest)."""
-        first = batches[0]
+        """Rows of several batches with the same fields, one after another. Tensors whose trailing sizes differ
+        (sequences of different L, token rows of different T) are right-padded with zeros (False for masks):
+        padding is always covered by a length or a mask."""
+        return _zip(batches)
 
-        def seq(name: str) -> Seq:
-            width = max(b.seq[name].ids.shape[1] for b in batches)
-            ids = [
-                torch.nn.functional.pad(b.seq[name].ids, (0, width - b.seq[name].ids.shape[1]))
-                for b in batches
-            ]
-            return Seq(torch.cat(ids), torch.cat([b.seq[name].lengths for b in batches]))
 
-        return Batch(
-            sparse={k: torch.cat([b.sparse[k] for b in batches]) for k in first.sparse},
-            seq={k: seq(k) for k in first.seq},
-            dense={k: torch.cat([b.dense[k] for b in batches]) for k in first.dense},
-            labels={k: torch.cat([b.labels[k] for b in batches]) for k in first.labels},
-            text={k: torch.cat([b.text[k] for b in batches]) for k in first.text},
+# ---- generic walks over the nested fields (Tensor, Seq, dataclasses, dicts, None) ----------------------------
+def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _map(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
+    return value  # None and plain values
+
+
+def _tensors(value: Any):
+    """Every tensor in field order (the first one gives the batch size)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
+
+
+def _pad_cat(tensors: list[Tensor]) -> Tensor:
+    if tensors[0].dim() > 1:
+        widths = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+        tensors = [_pad_to(t, widths) for t in tensors]
+    return torch.cat(tensors)
+
+
+def _pad_to(t: Tensor, widths: list[int]) -> Tensor:
+    pad: list[int] = []
+    for d in reversed(range(1, t.dim())):  # F.pad lists the last dimension first
+        pad += [0, widths[d - 1] - t.shape[d]]
+    return F.pad(t, pad) if any(pad) else t
+
+
+def _zip(values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, Tensor):
+        return _pad_cat(values)
+    if isinstance(first, dict):
+        return {k: _zip([v[k] for v in values]) for k in first}
+    if dataclasses.is_dataclass(first):
+        return type(first)(
+            **{f.name: _zip([getattr(v, f.name) for v in values]) for f in dataclasses.fields(first)}
         )
-
-    def select(self, index: Tensor) -> Batch:
-        """Rows `index` of every feature (used to take sub-batches, e.g. the clicked rows)."""
-        return Batch(
-            sparse={k: v[index] for k, v in self.sparse.items()},
-            seq={k: Seq(v.ids[index], v.lengths[index]) for k, v in self.seq.items()},
-            dense={k: v[index] for k, v in self.dense.items()},
-            labels={k: v[index] for k, v in self.labels.items()},
-            text={k: v[index] for k, v in self.text.items()},
-        )
+    if first is None:
+        return None
+    raise TypeError(f"Batch.concat: cannot concatenate values of type {type(first).__name__}")

@@ -14,8 +14,14 @@ Ranking candidates are item codes 1..V (the training vocabulary).
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
-from dataclasses import dataclass, field
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,67 @@ MAX_LIST_LEN = 16  # tokens kept per multi-categorical value (e.g. genres of a m
 
 
 class DataCacheError(RuntimeError):
-    """A cache folder that is corrupt or was written by another version."""
+    """A cache folder that is corrupt, was written by another version, or cannot be written."""
+
+
+@dataclass
+class FeatureMeta:
+    """One encoded feature column: its kind ("categorical", "multi_categorical", "numeric", "dense_vector",
+    "text"), its side ("user", "item", "context"), the longest list kept (multi-categorical) and the width
+    (numeric: 1, dense_vector: D)."""
+
+    kind: str
+    side: str
+    max_len: int = 0
+    dim: int = 1
+
+
+@dataclass
+class PreparedMeta:
+    """Everything about a prepared dataset besides its tables, typed (stored as meta.json in the cache).
+
+    Args:
+        features: every encoded feature column of the user, item and interaction tables.
+        vocab_sizes: codes per categorical feature, the id features included (code 0 = unknown).
+        normalisers: standardisation statistics of numeric / dense columns (fitted on training entities).
+        counts: rows removed by each preprocessing step, rows and queries per split, unrankable targets.
+        labels: label columns of `rows` ("click", "purchase"; "label" on implicit data).
+        context: categorical columns of `rows` that describe the interaction (hour, device, ...).
+        oracle: the `rows` column with the true click probability (simulated data), or None.
+        item_text: the item column language models read, or None.
+        item_counts: positives per item code in the training split (popularity, logQ; code 0 is 0).
+        has_negatives: per stage, whether its rows hold negative labels (impression logs do).
+        split: the split's description; cutoffs: its fitted time cutoffs (temporal splits).
+        eval_candidates: the candidate protocol's name ("full", "uniform_100", ...).
+    """
+
+    features: dict[str, FeatureMeta]
+    vocab_sizes: dict[str, int]
+    normalisers: dict[str, Any]
+    counts: dict[str, int]
+    labels: list[str]
+    context: list[str]
+    oracle: str | None
+    item_text: str | None
+    item_counts: list[float]
+    has_negatives: dict[str, bool]
+    split: dict[str, Any]
+    cutoffs: list[Any]
+    eval_candidates: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> PreparedMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["features"] = {name: FeatureMeta(**f) for name, f in values["features"].items()}
+        return cls(**values)
+
+    def columns(self, side: str, *kinds: str) -> list[str]:
+        """Feature columns of one side, of the given kinds (all kinds when none given), in stored order."""
+        return [n for n, f in self.features.items() if f.side == side and (not kinds or f.kind in kinds)]
 
 
 @dataclass
@@ -49,18 +115,18 @@ class Prepared:
         queries: per evaluation stage, one row per ranking query: `user` (entity), `targets` (item codes the
             user interacted with in the stage and not before), `seen` (codes interacted with before: masked),
             `candidates` (List of item codes: targets first, then sampled negatives; null for full ranking).
-        meta: feature kinds and sides, vocabulary sizes, labels, normaliser statistics, filter counts, etc.
+        meta: feature kinds and sides, vocabulary sizes, labels, statistics, counts (`PreparedMeta`).
     """
 
     rows: pl.DataFrame
     users: pl.DataFrame
     items: pl.DataFrame
     queries: dict[str, pl.DataFrame]
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: PreparedMeta
 
-    # ---- cache ---------------------------------------------------------------------------------------------
     def save(self, folder: Path, fingerprint: str) -> None:
-        """Write the tables as parquet, then meta.json last: a folder without meta.json is an unfinished write."""
+        """Write the tables as parquet, then meta.json last (`PreparedCache` writes into a private folder and
+        renames it into place, so readers never see a half-written cache)."""
         folder.mkdir(parents=True, exist_ok=True)
         frames = {"rows": self.rows, "users": self.users, "items": self.items}
         frames.update({f"queries_{s}": q for s, q in self.queries.items()})
@@ -70,11 +136,9 @@ class Prepared:
             "format": PREPARE_VERSION,
             "fingerprint": fingerprint,
             "row_counts": {k: v.height for k, v in frames.items()},
-            **self.meta,
+            **self.meta.to_json(),
         }
-        tmp = folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        tmp.replace(folder / "meta.json")
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
     @classmethod
     def load(cls, folder: Path, fingerprint: str) -> Prepared | None:
@@ -103,9 +167,68 @@ class Prepared:
                 raise DataCacheError(
                     f"data cache file {path} has {frames[name].height} rows, meta.json says {expected}; {hint}"
                 )
-        meta = {k: v for k, v in meta.items() if k not in ("format", "fingerprint", "row_counts")}
+        try:
+            typed = PreparedMeta.from_json(meta)
+        except (KeyError, TypeError) as err:
+            raise DataCacheError(f"data cache {meta_path} lacks or garbles a field ({err}); {hint}") from err
         queries = {s: frames[f"queries_{s}"] for s in ("val", "test") if f"queries_{s}" in frames}
-        return cls(frames["rows"], frames["users"], frames["items"], queries, meta)
+        return cls(frames["rows"], frames["users"], frames["items"], queries, typed)
+
+
+class PreparedCache:
+    """The prepared-data cache folder of one fingerprint: read it, or build it once and move it into place.
+
+    Several processes may start on an empty cache at once (a multirun, two terminals). The build holds an
+    exclusive lock on `<folder>.lock`, so one process builds while the others wait and then read its result;
+    the tables are written into a private temporary folder that is renamed into place when complete, so a
+    reader sees either no cache or a whole one — never a file being rewritten under it.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def load(self) -> Prepared | None:
+        return Prepared.load(self.folder, self.fingerprint)
+
+    def load_or_build(self, build) -> Prepared:
+        """The cached tables, or `build()`'s result after writing it (one builder at a time)."""
+        cached = self.load()
+        if cached is not None:
+            return cached
+        parent = self.folder.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            with self._lock(parent / f".{self.folder.name}.lock"):
+                cached = self.load()  # another process may have built it while this one waited
+                if cached is not None:
+                    return cached
+                prepared = build()
+                tmp = parent / f".{self.folder.name}.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                prepared.save(tmp, self.fingerprint)
+                if self.folder.exists():  # an unfinished write of an older version (no meta.json)
+                    shutil.rmtree(self.folder)
+                os.rename(tmp, self.folder)
+        except PermissionError as err:
+            raise DataCacheError(
+                f"data cache folder {parent} is not writable ({err.strerror}: {err.filename}); point "
+                "paths.data_dir (or the RECSYS_LAB_DATA environment variable) at a writable folder"
+            ) from err
+        return self.load()  # one code path (parquet round trip) for fresh and cached data
+
+    @staticmethod
+    @contextmanager
+    def _lock(path: Path):
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"data cache: another process is building {path.stem}; waiting for it", file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---- preparation -------------------------------------------------------------------------------------------
@@ -143,7 +266,12 @@ def prepare(
     train_users = np.unique(train["user"].to_numpy())
     train_items = np.unique(train["item"].to_numpy())
 
-    meta: dict[str, Any] = {"features": {}, "vocab_sizes": {}, "normalisers": {}, "counts": counts}
+    meta: dict[str, Any] = {
+        "features": {},
+        "vocab_sizes": {},
+        "normalisers": {},
+        "counts": counts,
+    }  # -> PreparedMeta
     # ids: vocabularies of the training rows
     user_vocab = fit_vocab(train["user_id"])
     item_vocab = fit_vocab(train["item_id"])
@@ -160,7 +288,7 @@ def prepare(
         vocab = fit_vocab(train[col].cast(pl.String))
         inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
         meta["vocab_sizes"][col] = vocab.height + 1
-        meta["features"][col] = {"kind": "categorical", "side": "context"}
+        meta["features"][col] = FeatureMeta("categorical", "context")
     meta["features"].update(ufeat)
     meta["features"].update(ifeat)
 
@@ -199,7 +327,7 @@ def prepare(
             for s, q in queries.items()
         }
     meta["eval_candidates"] = getattr(eval_candidates, "name", "full")
-    return Prepared(rows=rows, users=users, items=items, queries=queries, meta=meta)
+    return Prepared(rows=rows, users=users, items=items, queries=queries, meta=PreparedMeta(**meta))
 
 
 def _entities(table: pl.DataFrame | None, inter: pl.DataFrame, key: str) -> pl.DataFrame:
@@ -240,24 +368,20 @@ def _encode_table(
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             out[col] = Ragged(torch.as_tensor(ids[valid]), torch.as_tensor(offsets)).to_lists(col)
             meta["vocab_sizes"][col] = vocab.height + 1
-            features[col] = {"kind": kind, "side": side, "max_len": ids.shape[1]}
+            features[col] = FeatureMeta(kind, side, max_len=int(ids.shape[1]))
             continue
         elif kind in ("numeric", "dense_vector"):
             values = _floats(table[col], kind)
             values, stats = standardise(values, train_entities, log=col in log_dense, name=col)
             meta["normalisers"][col] = stats
             out[col] = pl.Series(col, values) if kind == "numeric" else pl.Series(col, values.tolist())
-            features[col] = {
-                "kind": kind,
-                "side": side,
-                "dim": 1 if values.ndim == 1 else int(values.shape[1]),
-            }
+            features[col] = FeatureMeta(kind, side, dim=1 if values.ndim == 1 else int(values.shape[1]))
             continue
         elif kind == "text":
             out[col] = table[col].cast(pl.String).fill_null("")
         else:
             continue
-        features[col] = {"kind": kind, "side": side}
+        features[col] = FeatureMeta(kind, side)
     return pl.DataFrame(out), features
 
 

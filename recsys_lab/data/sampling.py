@@ -1,11 +1,13 @@
 """Negative sampling for implicit-feedback training, and the candidate sets of sampled-ranking evaluation.
 
-Two kinds of config objects (`_target_`), each with a `name` and `describe()` for the results table:
+Two kinds of config objects (`_target_`, or the spec strings "uniform_N" / "popularity_N" parsed once by
+`negatives_from_spec` / `candidates_from_spec`), each with a `name` and `describe()` for the results table:
 
 - training negatives (`UniformNegatives`, `PopularityNegatives`): `sample(...) -> [B, n]` items each user has
-  not interacted with, drawn fresh every batch from the caller's generator;
+  not interacted with, drawn fresh every batch; `TrainingNegatives` holds a sampler with its state (the set of
+  training positives to avoid and the random generator, saved in checkpoints);
 - evaluation candidates (`FullRanking`, `SampledRanking`): the items each test query is ranked among, drawn
-  once from a fixed seed so that every model is scored on exactly the same candidates.
+  once from a fixed seed, without replacement, so that every model is scored on exactly the same candidates.
 
 Every draw is vectorised: proposals come from one inverse-CDF lookup (`searchsorted` over the cumulative
 weights), and collisions with a user's positives are found with one `searchsorted` over sorted
@@ -17,13 +19,16 @@ user's remaining items, so no user is ever refused a negative that exists.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
-from recsys_lab.data.store import Ragged
+from recsys_lab.data.ragged import Ragged
 
 MAX_ROUNDS = 50  # rejection rounds before the exact per-user fallback
+DISTINCT_ROUNDS = 8  # rounds of redrawing repeated candidates before the exact without-replacement fallback
 _FALLBACK_CELLS = 1 << 22  # rows x items of one fallback chunk (32 MiB of float64 weights)
 
 
@@ -158,6 +163,73 @@ def _sample_training(
     return flat.view(len(users), n)
 
 
+def _repeats(owners: Tensor, items: Tensor) -> Tensor:
+    """bool [M]: the entry repeats an earlier entry (same owner, same item)."""
+    keys = owners * (int(items.max()) + 1 if len(items) else 1) + items
+    order = torch.argsort(keys, stable=True)  # equal keys keep their original order: the first one stays
+    sorted_keys = keys[order]
+    later = torch.zeros(len(keys), dtype=torch.bool, device=keys.device)
+    later[1:] = sorted_keys[1:] == sorted_keys[:-1]
+    out = torch.zeros_like(later)
+    out[order] = later
+    return out
+
+
+def _make_distinct(
+    weights: Tensor,
+    owners: Tensor,
+    items: Tensor,
+    forbidden: Callable[[Tensor, Tensor], Tensor],
+    generator: torch.Generator,
+    users: Tensor,
+    n: int,
+    what: str,
+) -> Tensor:
+    """`items` [M] with every repeat within an owner redrawn, so each owner's entries are distinct.
+
+    Repeats are redrawn among the items the owner does not hold yet, round after round; the entries still
+    repeating after `DISTINCT_ROUNDS` rounds (owners that need nearly all of their eligible items) are drawn
+    exactly without replacement by Gumbel top-k over their remaining weights (Efraimidis & Spirakis, 2006).
+    """
+    items = items.clone()
+    for _ in range(DISTINCT_ROUNDS):
+        dup = _repeats(owners, items)
+        if not bool(dup.any()):
+            return items
+        kept = PositiveSet(owners[~dup], items[~dup], len(weights))
+
+        def blocked(r: Tensor, it: Tensor, kept: PositiveSet = kept) -> Tensor:
+            return forbidden(r, it) | kept.contains(r, it)
+
+        at = dup.nonzero().squeeze(1)
+        items[at] = _draw(weights, owners[at], blocked, generator, users, n, what)
+    dup = _repeats(owners, items)
+    if not bool(dup.any()):
+        return items
+    kept = PositiveSet(owners[~dup], items[~dup], len(weights))
+    rows, slot = torch.unique(owners[dup], return_inverse=True)
+    need = torch.bincount(slot, minlength=len(rows))  # (R,) entries to replace per owner
+    rank = torch.zeros_like(slot)  # position of each repeated entry among its owner's repeated entries
+    order = torch.argsort(slot, stable=True)
+    rank[order] = torch.arange(len(slot), device=slot.device) - (need.cumsum(0) - need)[slot[order]]
+    n_items = len(weights)
+    catalogue = torch.arange(n_items, device=owners.device)
+    chunk = max(1, _FALLBACK_CELLS // n_items)
+    fresh = torch.empty(len(slot), dtype=torch.long, device=owners.device)
+    for start in range(0, len(rows), chunk):
+        r = rows[start : start + chunk]  # (C,)
+        flat_r, flat_i = r.repeat_interleave(n_items), catalogue.repeat(len(r))
+        block = (forbidden(flat_r, flat_i) | kept.contains(flat_r, flat_i)).view(len(r), n_items)
+        u = torch.rand(len(r), n_items, generator=generator, dtype=torch.float64, device=weights.device)
+        keys = weights.double().log() - torch.log(-torch.log(u.clamp_min(1e-300)))  # log w + Gumbel
+        keys = keys.masked_fill(block | (weights <= 0), float("-inf"))
+        top = torch.topk(keys, int(need[start : start + chunk].max()), dim=1).indices  # (C, need)
+        mine = (slot >= start) & (slot < start + len(r))
+        fresh[mine] = top[slot[mine] - start, rank[mine]]
+    items[dup.nonzero().squeeze(1)] = fresh
+    return items
+
+
 # ---- training negatives -----------------------------------------------------------------------------------
 class UniformNegatives:
     """`n` negatives per user, uniform over the allowed items the user has not interacted with.
@@ -228,6 +300,95 @@ class PopularityNegatives:
         return {"negatives": self.name, "negatives_n": self.n, "negatives_alpha": self.alpha}
 
 
+def _parse_spec(spec: str, key: str, example: str) -> tuple[str, int]:
+    kind, _, n = spec.partition("_")
+    if kind not in ("uniform", "popularity") or not n.isdigit() or int(n) < 1:
+        raise ValueError(f"{key}='{spec}': expected {example}")
+    return kind, int(n)
+
+
+def negatives_from_spec(spec: Any) -> UniformNegatives | PopularityNegatives | None:
+    """`data.train_negatives`: None, a sampler object, or "uniform_N" / "popularity_N" (parsed here, once)."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    kind, n = _parse_spec(
+        spec, "data.train_negatives", "null, 'uniform_N' or 'popularity_N' (e.g. uniform_4)"
+    )
+    return UniformNegatives(n=n) if kind == "uniform" else PopularityNegatives(n=n)
+
+
+def candidates_from_spec(spec: Any, seed: int) -> FullRanking | SampledRanking:
+    """`data.eval_candidates`: None / "full", a candidates object, or "uniform_N" / "popularity_N"."""
+    if spec is None or spec == "full":
+        return FullRanking()
+    if not isinstance(spec, str):
+        return spec
+    kind, n = _parse_spec(
+        spec, "data.eval_candidates", "'full', 'uniform_N' or 'popularity_N' (e.g. uniform_100)"
+    )
+    return SampledRanking(kind=kind, n=n, seed=seed)
+
+
+class TrainingNegatives:
+    """Negatives for CTR training on implicit data, drawn fresh for every batch: a sampler and its state.
+
+    The exclusion set holds every positive training interaction — built from the whole training split, so a
+    positive left out of a `max_train_rows` subsample is still never drawn as a negative of its user. In the
+    main process draws come from one generator seeded with `seed`, whose state is saved with the DataModule in
+    checkpoints (a resumed run draws what the uninterrupted run would have). Each DataLoader worker draws from
+    its own generator seeded with the worker's seed, so workers never repeat each other's stream.
+
+    Args:
+        sampler: `UniformNegatives` or `PopularityNegatives`.
+        users / item_codes: int64 [P], every positive (user entity, item code) of the training split.
+        n_codes: item vocabulary size V (code 0, unknown, is never drawn).
+        item_counts: float [V], training positives per code (popularity sampling).
+        seed: seed of the main-process generator.
+    """
+
+    def __init__(
+        self, sampler, users: Tensor, item_codes: Tensor, n_codes: int, item_counts: Tensor, seed: int
+    ) -> None:
+        self.sampler, self.n_codes, self.item_counts = sampler, n_codes, item_counts
+        self.exclude = PositiveSet(users, item_codes, n_codes)
+        self.allowed = torch.ones(n_codes, dtype=torch.bool)
+        self.allowed[0] = False
+        self.generator = torch.Generator().manual_seed(seed)
+        self._worker: tuple[int, torch.Generator] | None = None  # (worker seed, its generator)
+
+    @property
+    def n(self) -> int:
+        return self.sampler.n
+
+    def _current_generator(self) -> torch.Generator:
+        info = get_worker_info()
+        if info is None:
+            return self.generator
+        if self._worker is None or self._worker[0] != info.seed:
+            self._worker = (info.seed, torch.Generator().manual_seed(info.seed))
+        return self._worker[1]
+
+    def sample(self, users: Tensor) -> Tensor:
+        """int64 [B, n]: item codes the users [B] have no training positive with."""
+        return self.sampler.sample(
+            users,
+            self.exclude,
+            self.n_codes,
+            self.item_counts,
+            self._current_generator(),
+            allowed=self.allowed,
+        )
+
+    def describe(self) -> dict:
+        return self.sampler.describe()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
 # ---- evaluation candidates --------------------------------------------------------------------------------
 class FullRanking:
     """Rank each query against the whole catalogue, the user's seen items masked (no candidates drawn)."""
@@ -254,10 +415,12 @@ class SampledRanking:
 
     The protocol of NCF (arXiv:1708.05031), SASRec (arXiv:1808.09781) and BERT4Rec (arXiv:1904.06690), and
     RecBole's "uni100"/"pop100". Its numbers run several times higher than full ranking, hence the name in
-    every results table. Negatives are drawn with replacement (a row may repeat one), never among the user's
-    interactions in any split (`exclude`) nor the row's targets. "popularity" samples ∝ item_counts itself,
-    with no smoothing exponent, as those papers do. The draw depends only on the seed and the inputs: draw
-    once per evaluation split and reuse the result for every model.
+    every results table. The negatives of a query are distinct (drawn without replacement: repeats are redrawn,
+    and the few rows still repeating after a few rounds are drawn exactly by Gumbel top-k), never among the
+    user's interactions in any split (`exclude`) nor the row's targets. "popularity" samples ∝ item_counts
+    itself, with no smoothing exponent, as those papers do. A query needing more negatives than its user has
+    eligible items is an error naming the numbers. The draw depends only on the seed and the inputs: draw once
+    per evaluation split and reuse the result for every model.
 
     Args:
         kind: "uniform" or "popularity".
@@ -299,8 +462,14 @@ class SampledRanking:
         def forbidden(r: Tensor, items: Tensor) -> Tensor:
             return exclude.contains(query_users[r], items) | row_targets.contains(r, items)
 
+        self._check_eligible(
+            query_users, lengths, exclude, weights, rows.repeat_interleave(lengths), t_values
+        )
         n_owner = rows.repeat_interleave(lengths * self.n)  # (T * n,) query of each negative, in row order
         negatives = _draw(weights, n_owner, forbidden, generator, query_users, self.n, self.name)
+        negatives = _make_distinct(
+            weights, n_owner, negatives, forbidden, generator, query_users, self.n, self.name
+        )
 
         # Each output row is its targets then its negatives; both lists are already in row order, so a
         # mask of the target slots places them with two ordered assignments.
@@ -313,10 +482,50 @@ class SampledRanking:
         values[~is_target] = negatives
         return Ragged(values, offsets)
 
+    def _check_eligible(
+        self,
+        users: Tensor,
+        n_targets: Tensor,
+        exclude: PositiveSet,
+        weights: Tensor,
+        target_rows: Tensor,
+        target_items: Tensor,
+    ) -> None:
+        """Stop with the numbers when a query needs more distinct negatives than its user has items left
+        (samplable items that are neither the user's interactions nor the query's targets)."""
+        samplable = weights > 0  # (N,)
+        n_samplable = int(samplable.sum())
+        needed = n_targets * self.n  # (Q,)
+        if len(needed) == 0:
+            return
+        if self.n >= n_samplable:
+            raise ValueError(
+                f"data.eval_candidates={self.name}: {self.n} negatives per target cannot be drawn without "
+                f"replacement from a catalogue of {n_samplable} samplable items; choose N below {n_samplable}"
+            )
+        key_users, key_items = exclude.keys // exclude.n_items, exclude.keys % exclude.n_items
+        n_users = int(max(int(users.max()), int(key_users.max()) if len(key_users) else 0)) + 1
+        taken = torch.bincount(key_users[samplable[key_items]], minlength=n_users)  # (U,) positives per user
+        # targets that are not already among the user's positives (callers may pass such targets)
+        extra = samplable[target_items] & ~exclude.contains(users[target_rows], target_items)
+        eligible = (
+            n_samplable - taken[users] - torch.bincount(target_rows[extra], minlength=len(users))
+        )  # (Q,)
+        short = (needed > eligible).nonzero().squeeze(1)
+        if len(short):
+            q = int(short[0])
+            raise ValueError(
+                f"data.eval_candidates={self.name}: {len(short)} queries need more distinct negatives than their "
+                f"user has eligible items, e.g. user entity {int(users[q])} needs {int(needed[q])} "
+                f"({int(n_targets[q])} targets x {self.n}) but only {int(eligible[q])} of the {n_samplable} "
+                "samplable items are not among the user's interactions; choose a smaller N"
+            )
+
     def describe(self) -> dict:
         return {
             "eval_candidates": self.name,
             "eval_candidates_kind": self.kind,
             "eval_candidates_n": self.n,
             "eval_candidates_seed": self.seed,
+            "eval_candidates_replacement": False,
         }

@@ -1,97 +1,36 @@
-"""In-memory feature tables and the tensor-indexing gatherers that turn row indices into whole `Batch`es.
+"""Feature tables of one prepared dataset and the gatherers that turn row indices into whole `Batch`es.
 
-Nothing here touches one sample at a time: a batch of B rows is a handful of `tensor[index]` lookups.
+Nothing here touches one sample at a time: a batch of B rows is a handful of `tensor[index]` lookups. The
+schema (`FeatureStore.schema`) is built here, next to the code that writes the features it describes, so a
+feature name — the `hist_*` behaviour sequences included — is defined in one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import torch
 from torch import Tensor
 
-from recsys_lab.data.batch import Batch, Seq
-from recsys_lab.data.text import build_pair_inputs
+from recsys_lab.data.batch import Batch, EvalTargets, Seq
+from recsys_lab.data.ragged import Ragged
+from recsys_lab.data.schema import Feature, Schema
+from recsys_lab.data.text import TextSpec, TextTables
+
+if TYPE_CHECKING:
+    from recsys_lab.data.prepare import Prepared, PreparedMeta
+
+__all__ = ["EntityTable", "FeatureStore", "Ragged", "history_feature"]
+
+LEVELS = 3  # timeline levels: 0 = train, 1 = train + validation, 2 = train + validation + test
 
 
-@dataclass
-class Ragged:
-    """Variable-length int lists in CSR form: row r is values[offsets[r]:offsets[r+1]]."""
-
-    values: Tensor  # int64 [total]
-    offsets: Tensor  # int64 [rows + 1]
-
-    @classmethod
-    def from_groups(cls, groups: np.ndarray, values: np.ndarray, n_groups: int) -> Ragged:
-        """Group `values` by `groups` (ids 0..n_groups-1), keeping their given order within a group."""
-        order = np.argsort(groups, kind="stable")
-        counts = np.bincount(groups, minlength=n_groups)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        return cls(
-            torch.as_tensor(values[order], dtype=torch.long), torch.as_tensor(offsets, dtype=torch.long)
-        )
-
-    @classmethod
-    def from_lists(cls, lists: pl.Series) -> Ragged:
-        """A polars List[int] column (nulls = empty rows) as CSR."""
-        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
-        values = (
-            lists.explode().drop_nulls().to_numpy().astype(np.int64)
-            if lengths.sum()
-            else np.zeros(0, np.int64)
-        )
-        return cls(torch.as_tensor(values), torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)])))
-
-    def to_lists(self, name: str) -> pl.Series:
-        """The rows as a polars List[Int64] column (built from the CSR arrays, no Python loop)."""
-        array = pa.ListArray.from_arrays(pa.array(self.offsets.numpy()), pa.array(self.values.numpy()))
-        return pl.Series(name, pl.from_arrow(array), dtype=pl.List(pl.Int64))
-
-    def count_before(self, times: Tensor, rows: Tensor, t: Tensor) -> Tensor:
-        """int64 [B]: entries of row `rows[b]` whose time (in `times`, aligned with `values` and sorted within
-        each row) is strictly before `t[b]`. One global searchsorted over (row, time) keys, no Python loop."""
-        if len(times) == 0 or len(rows) == 0:  # (min() of an empty tensor raises)
-            return torch.zeros_like(rows)
-        t_min = int(torch.minimum(times.min(), t.min()))
-        span = int(torch.maximum(times.max(), t.max())) - t_min + 1
-        owner = torch.repeat_interleave(torch.arange(len(self.offsets) - 1), self.offsets.diff())
-        keys = owner * span + (times - t_min)  # sorted: by row, then time
-        probe = rows * span + (t - t_min)
-        return torch.searchsorted(keys, probe, right=False) - self.offsets[rows]
-
-    def lengths(self, rows: Tensor) -> Tensor:
-        return self.offsets[rows + 1] - self.offsets[rows]
-
-    def gather(self, rows: Tensor, ends: Tensor | None = None, max_len: int | None = None) -> Seq:
-        """The last `max_len` entries of each row before position `ends` (default: the row's end), as a
-        right-padded `Seq` in stored order (oldest first, most recent at position lengths-1)."""
-        start_of_row = self.offsets[rows]  # (B,)
-        stop = start_of_row + (self.lengths(rows) if ends is None else ends)  # (B,)
-        width = int((stop - start_of_row).max().item()) if max_len is None and len(rows) else (max_len or 0)
-        lengths = torch.minimum(stop - start_of_row, torch.tensor(width))  # (B,)
-        first = stop - lengths  # (B,)
-        positions = first.unsqueeze(1) + torch.arange(width)  # (B, L)
-        valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
-        if len(self.values) == 0:
-            return Seq(torch.zeros((len(rows), width), dtype=torch.long), lengths)
-        ids = self.values[positions.clamp(max=len(self.values) - 1)] * valid  # (B, L), padding -> 0
-        return Seq(ids, lengths)
-
-
-@dataclass
-class TextTables:
-    """Item texts tokenized once; pairs are assembled per batch with tensor ops."""
-
-    item_tokens: Tensor  # int64 [N, T_item]
-    item_lengths: Tensor  # int64 [N]
-    cls_id: int
-    sep_id: int
-    pad_id: int
-    max_length: int
-    max_history_items: int
+def history_feature(column: str) -> str:
+    """Name of the behaviour-sequence feature that carries item column `column` along the history."""
+    return f"hist_{column}"
 
 
 @dataclass
@@ -106,6 +45,26 @@ class EntityTable:
     seq: dict[str, tuple[Tensor, Tensor]]
     dense: dict[str, Tensor]
 
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, side: str, meta: PreparedMeta) -> EntityTable:
+        """The encoded columns of a prepared user or item table (see `recsys_lab.data.prepare`)."""
+        sparse = {f"{side}_id": torch.as_tensor(frame[f"{side}_id_code"].to_numpy().astype(np.int64))}
+        seq, dense = {}, {}
+        everyone = torch.arange(frame.height)
+        for name, f in meta.features.items():
+            if f.side != side:
+                continue
+            if f.kind == "categorical":
+                sparse[name] = torch.as_tensor(frame[name].to_numpy().astype(np.int64))
+            elif f.kind == "multi_categorical":
+                r = Ragged.from_lists(frame[name])
+                seq[name] = (r.gather(everyone, max_len=f.max_len).ids, r.lengths(everyone))
+            elif f.kind == "numeric":
+                dense[name] = torch.as_tensor(frame[name].to_numpy().astype(np.float32))
+            elif f.kind == "dense_vector":
+                dense[name] = torch.as_tensor(np.stack(frame[name].to_list()).astype(np.float32))
+        return cls(sparse, seq, dense)
+
     def into(self, batch: Batch, entities: Tensor) -> None:
         for name, table in self.sparse.items():
             batch.sparse[name] = table[entities]
@@ -114,17 +73,28 @@ class EntityTable:
         for name, table in self.dense.items():
             batch.dense[name] = table[entities]
 
+    def to(self, device: torch.device | str) -> EntityTable:
+        return EntityTable(
+            {k: v.to(device) for k, v in self.sparse.items()},
+            {k: (ids.to(device), lengths.to(device)) for k, (ids, lengths) in self.seq.items()},
+            {k: v.to(device) for k, v in self.dense.items()},
+        )
+
 
 class FeatureStore:
     """Feature tables of one prepared dataset and the gatherers that build whole batches from row indices.
 
+    Build it with `FeatureStore.from_prepared`; the constructor takes the finished tables.
+
     Args:
-        users / items: entity tables (see `EntityTable`); `item_key` in `items.sparse` holds item codes.
+        meta: the prepared dataset's feature kinds, vocabularies and labels.
+        users / items: entity tables (see `EntityTable`); `items.sparse["item_id"]` holds item codes.
         item_entity: int64 [V], the entity of each item code (code 0, "unknown", points at entity 0 and is
             never a candidate).
         row_sparse: per-interaction categorical codes (context), each int64 [R].
         labels: per-interaction labels, float32 [R].
-        user / item / split: per-interaction entity indices and split codes, int64 [R].
+        user / item / split / timestamp: per-interaction entity indices, split codes and times, int64 [R].
+        positive: bool [R], the interaction is a positive (a click, a rating above the threshold).
         timelines: per split level s (0 train, 1 +validation, 2 +test), each user's positives of splits <= s
             as item entities in time order. A row of split s reads timeline s, so a training row never sees a
             validation or test interaction.
@@ -134,10 +104,12 @@ class FeatureStore:
         text: tokenized item texts (indexed by entity), when a language model is used.
     """
 
+    item_key = "item_id"
+
     def __init__(
         self,
         *,
-        item_key: str,
+        meta: PreparedMeta,
         users: EntityTable,
         items: EntityTable,
         item_entity: Tensor,
@@ -146,52 +118,160 @@ class FeatureStore:
         user: Tensor,
         item: Tensor,
         split: Tensor,
+        timestamp: Tensor,
+        positive: Tensor,
         timelines: list[Ragged],
         n_prior: Tensor,
         history_len: int,
         history_features: list[str],
         text: TextTables | None,
     ) -> None:
-        self.item_key = item_key
+        self.meta = meta
         self.users, self.items, self.item_entity = users, items, item_entity
         self.row_sparse, self.labels = row_sparse, labels
-        self.user, self.item, self.split = user, item, split
+        self.user, self.item, self.split, self.timestamp, self.positive = (
+            user,
+            item,
+            split,
+            timestamp,
+            positive,
+        )
         self.timelines, self.n_prior = timelines, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_prepared(
+        cls,
+        prepared: Prepared,
+        history_len: int,
+        history_features: list[str] | tuple[str, ...] = (),
+        text: TextSpec | None = None,
+    ) -> FeatureStore:
+        """Tables, timelines and history counts of a prepared dataset; item texts tokenized once if `text`."""
+        meta = prepared.meta
+        item_categoricals = meta.columns("item", "categorical")
+        for name in history_features:
+            if name not in item_categoricals:
+                raise ValueError(
+                    f"data.history_features: '{name}' is not a categorical item column; item columns are "
+                    f"{sorted(item_categoricals)}"
+                )
+        rows = prepared.rows
+        user = torch.as_tensor(rows["user"].to_numpy().astype(np.int64))
+        item = torch.as_tensor(rows["item"].to_numpy().astype(np.int64))
+        split = torch.as_tensor(rows["split"].to_numpy().astype(np.int64))
+        ts = torch.as_tensor(rows["timestamp"].to_numpy().astype(np.int64))
+        positive = torch.as_tensor(rows["positive"].to_numpy())
+        n_users, n_items = prepared.users.height, prepared.items.height
+
+        # timelines: positives of splits <= level, per user in time order
+        order = np.lexsort((ts.numpy(), user.numpy()))
+        timelines, timeline_ts = [], []
+        for level in range(LEVELS):
+            keep = order[positive.numpy()[order] & (split.numpy()[order] <= level)]
+            timelines.append(Ragged.from_groups(user.numpy()[keep], item.numpy()[keep], n_users))
+            timeline_ts.append(torch.as_tensor(ts.numpy()[keep]))
+        n_prior = torch.zeros_like(user)
+        for level in range(LEVELS):
+            at = (split == level).nonzero().squeeze(1)
+            n_prior[at] = timelines[level].count_before(timeline_ts[level], user[at], ts[at])
+
+        item_code = torch.as_tensor(prepared.items["item_id_code"].to_numpy().astype(np.int64))
+        item_entity = torch.zeros(meta.vocab_sizes["item_id"], dtype=torch.long)
+        known = item_code > 0
+        item_entity[item_code[known]] = torch.arange(n_items)[known]
+
+        text_tables = None
+        if text is not None:
+            if meta.item_text is None:
+                raise ValueError("data.text is set but this data source has no item text column")
+            text_tables = TextTables.tokenize(text, prepared.items[meta.item_text].to_list())
+        return cls(
+            meta=meta,
+            users=EntityTable.from_frame(prepared.users, "user", meta),
+            items=EntityTable.from_frame(prepared.items, "item", meta),
+            item_entity=item_entity,
+            row_sparse={c: torch.as_tensor(rows[c].to_numpy().astype(np.int64)) for c in meta.context},
+            labels={c: torch.as_tensor(rows[c].to_numpy().astype(np.float32)) for c in meta.labels},
+            user=user,
+            item=item,
+            split=split,
+            timestamp=ts,
+            positive=positive,
+            timelines=timelines,
+            n_prior=n_prior,
+            history_len=history_len,
+            history_features=list(history_features),
+            text=text_tables,
+        )
+
+    def schema(self) -> Schema:
+        """Every feature a batch of this store carries, with training statistics (vocabularies, popularity)."""
+        v, L = self.meta.vocab_sizes, self.history_len
+        feats = [Feature("user_id", "sparse", "user", vocab_size=v["user_id"])]
+        feats.append(Feature(self.item_key, "sparse", "item", vocab_size=v[self.item_key]))
+        for name, f in self.meta.features.items():
+            if f.kind == "categorical":
+                feats.append(Feature(name, "sparse", f.side, vocab_size=v[name]))
+            elif f.kind == "multi_categorical":
+                feats.append(Feature(name, "seq", f.side, vocab_size=v[name], max_len=f.max_len))
+            elif f.kind in ("numeric", "dense_vector"):
+                feats.append(Feature(name, "dense", f.side, dim=f.dim))
+        for column in [self.item_key, *self.history_features]:  # what `_history_part` writes
+            name = history_feature(column)
+            feats.append(Feature(name, "seq", "user", vocab_size=v[column], max_len=L, embed_as=column))
+        if self.text is not None:
+            feats.append(Feature("pair_text", "text", "context", max_len=self.text.max_length))
+        return Schema(feats, labels=list(self.meta.labels), item_counts=self.item_counts)
+
+    @property
+    def item_counts(self) -> Tensor:
+        """float32 [V]: positive training interactions per item code (code 0 is 0)."""
+        return torch.as_tensor(self.meta.item_counts, dtype=torch.float32)
+
+    @property
+    def num_item_codes(self) -> int:
+        return len(self.item_entity)
+
+    def item_codes(self, entities: Tensor) -> Tensor:
+        """Item codes of item entities (0 for items unknown to the training vocabulary)."""
+        return self.items.sparse[self.item_key][entities]
+
+    def to(self, device: torch.device | str) -> FeatureStore:
+        """A copy whose gatherers build batches directly on `device` (no host round trip per batch)."""
+        return FeatureStore(
+            meta=self.meta,
+            users=self.users.to(device),
+            items=self.items.to(device),
+            item_entity=self.item_entity.to(device),
+            row_sparse={k: v.to(device) for k, v in self.row_sparse.items()},
+            labels={k: v.to(device) for k, v in self.labels.items()},
+            user=self.user.to(device),
+            item=self.item.to(device),
+            split=self.split.to(device),
+            timestamp=self.timestamp.to(device),
+            positive=self.positive.to(device),
+            timelines=[t.to(device) for t in self.timelines],
+            n_prior=self.n_prior.to(device),
+            history_len=self.history_len,
+            history_features=self.history_features,
+            text=self.text.to(device) if self.text is not None else None,
+        )
 
     # ---- pieces ------------------------------------------------------------------------------------------
     def _history_part(self, batch: Batch, users: Tensor, level: Tensor, n_prior: Tensor) -> Seq:
         """Item-entity history of each row (its timeline level, `n_prior` entries), as codes and features."""
-        hist = None
+        L = self.history_len
+        hist = Seq(torch.zeros(len(users), L, dtype=torch.long, device=users.device), torch.zeros_like(users))
         for lvl in torch.unique(level).tolist():
             at = (level == lvl).nonzero().squeeze(1)
-            part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=self.history_len)
-            if hist is None:
-                hist = Seq(
-                    torch.zeros(len(users), self.history_len, dtype=torch.long), torch.zeros_like(users)
-                )
+            part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=L)
             hist.ids[at], hist.lengths[at] = part.ids, part.lengths
-        if hist is None:
-            hist = Seq(torch.zeros(0, self.history_len, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         # entities -> codes and item features (padded positions read entity 0 and stay masked by lengths)
-        batch.seq[f"hist_{self.item_key}"] = Seq(self.items.sparse[self.item_key][hist.ids], hist.lengths)
-        for name in self.history_features:
-            batch.seq[f"hist_{name}"] = Seq(self.items.sparse[name][hist.ids], hist.lengths)
+        for column in [self.item_key, *self.history_features]:
+            batch.seq[history_feature(column)] = Seq(self.items.sparse[column][hist.ids], hist.lengths)
         return hist
-
-    def _text_part(self, batch: Batch, hist_entities: Seq, item_entities: Tensor) -> None:
-        t = self.text
-        batch.text = build_pair_inputs(
-            t.item_tokens,
-            t.item_lengths,
-            hist_entities,
-            item_entities,
-            cls_id=t.cls_id,
-            sep_id=t.sep_id,
-            pad_id=t.pad_id,
-            max_length=t.max_length,
-            max_history_items=t.max_history_items,
-        )
 
     # ---- batches -----------------------------------------------------------------------------------------
     def impressions(self, rows: Tensor, items: Tensor | None = None) -> Batch:
@@ -208,7 +288,7 @@ class FeatureStore:
         for name, column in self.labels.items():
             batch.labels[name] = column[rows]
         if self.text is not None:
-            self._text_part(batch, hist, items)
+            batch.text = self.text.pair_inputs(hist, items)
         return batch
 
     def with_negatives(self, rows: Tensor, negative_codes: Tensor) -> Batch:
@@ -231,12 +311,10 @@ class FeatureStore:
         hist = self._history_part(batch, users, levels, self.timelines[level].lengths(users))
         return batch, hist
 
-    def queries(self, users: Tensor, level: int, eval_seqs: dict[str, Seq]) -> Batch:
-        """Ranking queries (see `_query_part`) plus the evaluation sequences (targets, seen, candidates;
-        item codes)."""
-        batch, _ = self._query_part(users, level)
-        batch.seq.update(eval_seqs)
-        batch.sparse["eval.user"] = users  # entity index: lets the evaluator build (query, candidate) pairs
+    def query_batch(self, targets: EvalTargets, level: int) -> Batch:
+        """Ranking queries of users `targets.user` (see `_query_part`) carrying their evaluation targets."""
+        batch, _ = self._query_part(targets.user, level)
+        batch.eval = targets
         return batch
 
     def pairs(self, users: Tensor, level: int, codes: Tensor) -> Batch:
@@ -248,7 +326,7 @@ class FeatureStore:
         batch, hist = self._query_part(users, level)
         self.items.into(batch, items)
         if self.text is not None:
-            self._text_part(batch, hist, items)
+            batch.text = self.text.pair_inputs(hist, items)
         return batch
 
     def items_batch(self, codes: Tensor) -> Batch:

@@ -8,12 +8,94 @@ validity mask, then compact the valid tokens to the left and cut/pad to `max_len
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
 from torch import Tensor
 
 from recsys_lab.data.batch import Seq
+
+
+@dataclass
+class TextSpec:
+    """What a language model needs from the data: its tokenizer and the pair layout (config: `data.text`).
+
+    Args:
+        pretrained: tokenizer folder (or hub id) — the cross-encoder's own weights folder.
+        max_length: tokens per (history, candidate) pair.
+        max_item_tokens: tokens kept per item text.
+        max_history_items: most recent history items whose texts are put in front of the candidate.
+        allow_download: let transformers fetch a hub id (off: nothing waits on a network).
+    """
+
+    pretrained: str
+    max_length: int = 128
+    max_item_tokens: int = 24
+    max_history_items: int = 5
+    allow_download: bool = False
+
+
+@dataclass
+class TextTables:
+    """Item texts tokenized once (indexed by item entity); pairs are assembled per batch with tensor ops.
+
+    item_tokens: int64 [N, T_item] right-padded; item_lengths: int64 [N]; the special token ids and the pair
+    layout come from the `TextSpec`.
+    """
+
+    item_tokens: Tensor
+    item_lengths: Tensor
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    max_length: int
+    max_history_items: int
+
+    @classmethod
+    def tokenize(cls, spec: TextSpec, texts: list[str]) -> TextTables:
+        """Load the spec's tokenizer (local files unless `allow_download`) and tokenize every item text."""
+        from transformers import AutoTokenizer
+
+        from recsys_lab.utils.pretrained import resolve_pretrained
+
+        path = resolve_pretrained(spec.pretrained, allow_download=spec.allow_download)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not spec.allow_download)
+        tokens, lengths = tokenize_texts(tokenizer, texts, spec.max_item_tokens)
+        return cls(
+            item_tokens=tokens,
+            item_lengths=lengths,
+            cls_id=tokenizer.cls_token_id,
+            sep_id=tokenizer.sep_token_id,
+            pad_id=tokenizer.pad_token_id,
+            max_length=spec.max_length,
+            max_history_items=spec.max_history_items,
+        )
+
+    def pair_inputs(self, history: Seq, items: Tensor) -> dict[str, Tensor]:
+        """Cross-encoder inputs for B (history item entities [B, L], candidate entity [B]) pairs."""
+        return build_pair_inputs(
+            self.item_tokens,
+            self.item_lengths,
+            history,
+            items,
+            cls_id=self.cls_id,
+            sep_id=self.sep_id,
+            pad_id=self.pad_id,
+            max_length=self.max_length,
+            max_history_items=self.max_history_items,
+        )
+
+    def to(self, device: torch.device | str) -> TextTables:
+        return TextTables(
+            self.item_tokens.to(device),
+            self.item_lengths.to(device),
+            self.cls_id,
+            self.sep_id,
+            self.pad_id,
+            self.max_length,
+            self.max_history_items,
+        )
 
 
 def tokenize_texts(tokenizer, texts: list[str], max_tokens: int) -> tuple[Tensor, Tensor]:

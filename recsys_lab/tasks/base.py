@@ -1,4 +1,4 @@
-"""What every task shares: the optimizer from config, evaluation dispatch and the checkpoint identity check."""
+"""What every task shares: the optimizer from config, evaluation and the checkpoint identity check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.data.views import EvalContext, View
 from recsys_lab.tasks.ranking import RankingEvaluation
 
 
@@ -19,18 +20,21 @@ class CheckpointMismatchError(RuntimeError):
 class RecTask(pl.LightningModule):
     """Base of the tasks: holds the net and schema, builds the optimizer, evaluates, checks checkpoints.
 
-    Validation and test follow the DataModule's evaluation: "ranking" query batches are scored by
-    `RankingEvaluation` (any model, any protocol); "impressions" batches by the subclass's `_impression_step`.
+    Contract with the data (one way, wired once by the entry point): `view` names the data view this objective
+    trains on; `connect(context)` hands over how that view's validation/test batches are scored — "ranking"
+    query batches by `RankingEvaluation` (any model, any protocol), "impressions" batches by the subclass's
+    `evaluate_impressions`. `begin_evaluation` / `evaluate_batch` / `end_evaluation` are the public evaluation
+    API (the Lightning hooks call them; so does `scripts/benchmark.py`).
 
     Args:
         net: the model (a plain nn.Module).
         schema: the dataset's schema (feature names, training statistics).
         optimizer: a partial taking the parameters (`_partial_: true` in config).
         scheduler: optional partial taking the optimizer; stepped once per epoch.
-        ks: cut-offs of the ranking metrics.
+        ks: cut-offs of the ranking metrics (`model.ks`).
     """
 
-    view: str  # which DataModule view feeds this objective
+    view: type[View]  # the data view this objective trains on
 
     def __init__(
         self,
@@ -43,11 +47,36 @@ class RecTask(pl.LightningModule):
         super().__init__()
         self.net, self.schema = net, schema
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.ranking = RankingEvaluation(ks)
+        try:
+            self.ranking = RankingEvaluation(ks)
+        except ValueError as err:
+            raise ValueError(f"model.ks={list(ks) if isinstance(ks, Sequence) else ks}: {err}") from None
+        self.context: EvalContext | None = None
 
-    def default_monitor(self, evaluation: str) -> str:
-        """Headline validation metric (checkpointing, early stopping, sweeps) under an evaluation kind."""
-        return f"val/ndcg@{min(self.ranking.ks)}" if evaluation == "ranking" else "val/auc"
+    # ---- the data contract -------------------------------------------------------------------------------
+    def connect(self, context: EvalContext) -> None:
+        """How validation/test batches are scored (from the view); call once before fitting or testing."""
+        self.context = context
+
+    @property
+    def evaluation(self) -> str:
+        if self.context is None:
+            raise RuntimeError(f"{type(self).__name__}: call connect(view.eval_context()) before evaluating")
+        return self.context.kind
+
+    def metric_names(self, stage: str) -> list[str]:
+        """Every `{stage}/...` metric this task logs under its evaluation (checked against `monitor`)."""
+        names = (
+            self.ranking.metric_names() if self.evaluation == "ranking" else self.impression_metric_names()
+        )
+        return [f"{stage}/{n}" for n in names]
+
+    def impression_metric_names(self) -> list[str]:
+        return []
+
+    def default_monitor(self) -> str:
+        """Headline validation metric (checkpointing, early stopping, sweeps) under the connected evaluation."""
+        return f"val/ndcg@{min(self.ranking.ks)}" if self.evaluation == "ranking" else "val/auc"
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -58,47 +87,50 @@ class RecTask(pl.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)},
         }
 
-    # ---- evaluation --------------------------------------------------------------------------------------
-    def _ranking(self) -> bool:
-        return self.trainer.datamodule.evaluation == "ranking"
+    # ---- evaluation: public API ----------------------------------------------------------------------------
+    def begin_evaluation(self, stage: str) -> None:
+        if self.evaluation == "ranking":
+            self.ranking.start(self.net, self.context, self.device)
 
-    def _impression_step(self, batch: Batch, stage: str) -> None:
+    def evaluate_batch(self, batch: Batch, stage: str) -> None:
+        """Score one validation/test batch and update the stage's metrics."""
+        if self.evaluation == "ranking":
+            self.ranking.step(self.net, batch, stage, self.context.pairs, self.context.num_items)
+        else:
+            self.evaluate_impressions(batch, stage)
+
+    def end_evaluation(self, stage: str) -> dict[str, Tensor]:
+        """The stage's metrics (keys without the stage prefix); resets them for the next epoch."""
+        return self.ranking.end(stage) if self.evaluation == "ranking" else self.end_impressions(stage)
+
+    def evaluate_impressions(self, batch: Batch, stage: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} evaluates ranking queries only")
 
-    def _impression_end(self, stage: str) -> dict[str, Tensor]:
-        raise NotImplementedError
+    def end_impressions(self, stage: str) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} evaluates ranking queries only")
 
-    def _start(self) -> None:
-        if self._ranking():
-            self.ranking.start(self.net, self.trainer.datamodule, self.device)
-
-    def _step(self, batch: Batch, stage: str) -> None:
-        if self._ranking():
-            self.ranking.step(self.net, self.trainer.datamodule, batch, stage)
-        else:
-            self._impression_step(batch, stage)
-
-    def _end(self, stage: str) -> None:
-        values = self.ranking.end(stage) if self._ranking() else self._impression_end(stage)
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def _log_stage(self, stage: str) -> None:
+        values = self.end_evaluation(stage)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
 
     def on_validation_epoch_start(self) -> None:
-        self._start()
+        self.begin_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
-        self._start()
+        self.begin_evaluation("test")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.evaluate_batch(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self.evaluate_batch(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._end("val")
+        self._log_stage("val")
 
     def on_test_epoch_end(self) -> None:
-        self._end("test")
+        self._log_stage("test")
 
     # ---- checkpoint identity -----------------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.data.views import CTRView
 from recsys_lab.metrics import CTRMetrics
 from recsys_lab.tasks.base import RecTask
 
@@ -26,7 +27,7 @@ class CTRTask(RecTask):
             implicit data).
     """
 
-    view = "ctr"
+    view = CTRView
 
     def __init__(
         self,
@@ -52,11 +53,14 @@ class CTRTask(RecTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def _impression_step(self, batch: Batch, stage: str) -> None:
+    def impression_metric_names(self) -> list[str]:
+        return ["auc", "gauc", "logloss"]
+
+    def evaluate_impressions(self, batch: Batch, stage: str) -> None:
         logits = self.net(batch)
         self.metrics[stage].update(logits, batch.labels[self.label], batch.sparse[self.schema.user_id])
 
-    def _impression_end(self, stage: str) -> dict[str, Tensor]:
+    def end_impressions(self, stage: str) -> dict[str, Tensor]:
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
         return values

@@ -8,7 +8,9 @@ from torch import nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.data.views import RetrievalView
 from recsys_lab.tasks.base import RecTask
+from recsys_lab.tasks.ranking import has_encoders
 
 
 class RetrievalTask(RecTask):
@@ -22,7 +24,7 @@ class RetrievalTask(RecTask):
         loss: module `(query, item, item_ids, log_q) -> loss`, e.g. `SampledSoftmaxLoss`.
     """
 
-    view = "retrieval"
+    view = RetrievalView
 
     def __init__(
         self,
@@ -34,7 +36,7 @@ class RetrievalTask(RecTask):
         ks: Sequence[int] = (10, 20, 50),
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
-        if not self.ranking.has_encoders(net):
+        if not has_encoders(net):
             raise TypeError(
                 f"RetrievalTask needs a model with encode_query() and encode_item(); {type(net).__name__} has not"
             )

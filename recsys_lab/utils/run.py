@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import hydra
 import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger
 
@@ -26,7 +28,8 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Reject values Lightning would accept with a surprising meaning (max_epochs=-1 trains forever)."""
+    """Reject values Lightning or torch would accept with a surprising meaning (max_epochs=-1 trains forever),
+    or reject only after the data is prepared (a negative learning rate)."""
     trainer = cfg.get("trainer") or {}
     for key in ("max_epochs", "min_epochs"):
         value = trainer.get(key)
@@ -34,6 +37,71 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={value}: expected a positive integer (or null)")
     if cfg.get("seed") is not None and not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed}: expected an integer")
+    optimizer = (cfg.get("model") or {}).get("optimizer") or {}
+    lr = optimizer.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"model.optimizer.lr={lr}: expected a positive number")
+
+
+def check_optimizer(task: pl.LightningModule) -> None:
+    """Build the optimizer (and scheduler) once, so a bad argument stops before training with its key."""
+    try:
+        task.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.optimizer / model.scheduler: {err}") from None
+
+
+def check_metric_names(cfg: DictConfig, task) -> None:
+    """`monitor` (and `optimized_metric`) must be something the task logs: checked before training."""
+    logged = task.metric_names("val")
+    allowed = [*logged, "train/loss"]
+    if cfg.monitor not in allowed:
+        raise ConfigError(f"monitor={cfg.monitor}: this run logs {allowed}; choose one of them (or null)")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in [*allowed, *task.metric_names("test")]:
+        raise ConfigError(f"optimized_metric={metric}: this run logs {allowed} and their test/ versions")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint file read safely (`weights_only=True`); ConfigError naming `ckpt_path` if it is missing,
+    truncated or not a PyTorch checkpoint."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        # Only the error's kind: torch's own text suggests `weights_only=False`, never safe for an unknown file.
+        raise ConfigError(
+            f"ckpt_path={path}: not a readable checkpoint ({type(err).__name__}: the file is truncated, corrupt "
+            "or not a PyTorch Lightning checkpoint written by train.py)"
+        ) from None
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """One line for errors caused by input (config values, files, caches, checkpoints); None for bugs.
+
+    Errors raised deliberately by recsys_lab (a ValueError naming a key, a SourceError naming a file, a
+    cache or checkpoint error) and file-system errors are input errors; anything raised deep inside a library
+    keeps its traceback (set RECSYS_LAB_TRACEBACK=1 to see it for input errors too)."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return user_error_message(err.__cause__)
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return f"error: {err}"
+    if isinstance(err, (ValueError, RuntimeError)) and _raised_by_recsys_lab(err):
+        return f"error: {err}"
+    return None
+
+
+def _raised_by_recsys_lab(err: BaseException) -> bool:
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "recsys_lab" in Path(tb.tb_frame.f_code.co_filename).parts
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
@@ -196,14 +264,45 @@ class RunMetadata(pl.Callback):
         checkpoint["recsys_lab_run"] = self.info
 
 
-def stage_metrics(trainer: pl.Trainer, datamodule, stage: str) -> tuple[dict[str, float], dict[str, float]]:
+def stage_metrics(trainer: pl.Trainer, view, stage: str) -> tuple[dict[str, float], dict[str, float]]:
     """What the last `trainer.test`/`validate` logged for `stage`, and the reference scores (oracle and
-    popularity AUC) on the same rows when the stage is scored on logged impressions."""
+    popularity AUC) on the same rows when the view scores the stage on logged impressions."""
+    from recsys_lab.metrics.reference import reference_aucs
+
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
     reference = {}
-    if datamodule.evaluation == "impressions":
-        reference = {f"{stage}/{k}": v for k, v in datamodule.reference_metrics(stage).items()}
+    scored = view.reference_scores(stage)
+    if scored is not None:
+        labels, scores = scored
+        reference = {f"{stage}/{k}": v for k, v in reference_aucs(labels, scores).items()}
     return metrics, reference
+
+
+def training_summary(trainer: pl.Trainer, datamodule) -> dict[str, Any]:
+    """How many rows one optimizer step sees, across processes: what DDP silently changes.
+
+    Under DDP each of the `world_size` processes trains on its own `batch_size` rows, so one step sees the
+    global batch and an epoch has world_size times fewer steps at the same learning rate; in-batch negatives
+    (two-tower) come from the process's own batch only. Keep runs comparable by holding the global batch fixed
+    (`data.batch_size` = single-process batch / world_size) or by scaling the learning rate with it.
+    """
+    world = int(trainer.world_size)
+    accumulate = int(trainer.accumulate_grad_batches)
+    examples = len(datamodule.view.train_dataset())
+    per_step = datamodule.batch_size * world * accumulate
+    summary = {
+        "world_size": world,
+        "batch_size_per_process": datamodule.batch_size,
+        "accumulate_grad_batches": accumulate,
+        "global_batch": per_step,
+        "train_examples": examples,
+        "optimizer_steps_per_epoch": math.ceil(
+            math.ceil(examples / (datamodule.batch_size * world)) / accumulate
+        ),
+    }
+    if datamodule.negatives is not None and type(datamodule.view).__name__ == "CTRView":
+        summary["rows_per_example"] = 1 + datamodule.negatives.n  # a positive and its sampled negatives
+    return summary
 
 
 def best_score(trainer: pl.Trainer) -> float | None:
@@ -256,6 +355,8 @@ def print_results(results: dict) -> None:
     protocol.add_column("value")
     for key, value in results.get("protocol", {}).items():
         protocol.add_row(key, str(value))
+    for key, value in (results.get("training") or {}).items():
+        protocol.add_row(f"training.{key}", str(value))
     for key in ("seed", "git_commit", "data_fingerprint", "best_checkpoint", "output_dir"):
         protocol.add_row(key, str(results.get(key)))
     console = Console(width=120)

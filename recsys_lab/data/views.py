@@ -1,0 +1,220 @@
+"""Views: what one training objective reads from a prepared dataset — its training rows, its evaluation rows
+and how those are scored.
+
+A task names its view class (`CTRTask.view = CTRView`); the entry point asks the DataModule for that view once
+(`datamodule.use_view(task.view)`) and wires the view's `EvalContext` into the task (`task.connect(...)`), so
+neither reaches into the other at run time. A new objective (next-item training on whole sequences, multi-task
+labels) is one new `View` subclass reading the same `ViewData`; nothing else changes.
+
+Evaluation kinds:
+
+* "impressions" — validation/test rows are logged impressions with labels (AUC, GAUC, LogLoss); needs real
+  negatives, as the simulator's impression log has.
+* "ranking" — validation/test rows are ranking queries (`QuerySet`): one per user with new positives in the
+  period, as of the period's start, carrying `batch.eval` (targets, seen items, stored candidates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.prepare import STAGES
+from recsys_lab.data.queries import QuerySet
+from recsys_lab.data.sampling import TrainingNegatives
+from recsys_lab.data.store import FeatureStore
+
+EVALUATIONS = ("impressions", "ranking")
+
+
+class Rows(Dataset):
+    """Map-style dataset whose `__getitems__` gathers a whole batch with tensor indexing."""
+
+    def __init__(self, n: int, gather: Callable[[Tensor], Batch]) -> None:
+        self.n, self.gather = n, gather
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Batch:  # DataLoader uses __getitems__; kept for completeness
+        return self.gather(torch.tensor([index]))
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        return self.gather(torch.as_tensor(indices, dtype=torch.long))
+
+
+@dataclass
+class ViewData:
+    """What every view is built from: the DataModule's tables after its seeded subsamples.
+
+    Args:
+        store: feature tables and gatherers.
+        rows: int64 interaction rows per stage ("train", "val", "test").
+        queries: ranking queries per evaluation stage ("val", "test").
+        negatives: sampled training negatives (implicit data), or None to train on the logged labels.
+        ctr_eval: how CTR objectives are evaluated on this data: "impressions" or "ranking".
+        oracle: float32 [R], the true click probability of every row (simulated data), else None.
+    """
+
+    store: FeatureStore
+    rows: dict[str, Tensor]
+    queries: dict[str, QuerySet]
+    negatives: TrainingNegatives | None
+    ctr_eval: str
+    oracle: Tensor | None = None
+
+
+class PairBuilder:
+    """(query, candidate) rows for models that score pairs (`forward(batch)`, no separate encoders).
+
+    Builds on the device of the requested codes: the store's tables are copied there once, so scoring a
+    validation batch involves no host round trip.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self._stores = {torch.device("cpu"): store}
+
+    def __call__(self, users: Tensor, codes: Tensor, stage: str) -> Batch:
+        """B*C rows, query-major: user entities [B] (as of `stage`'s start) x item codes [B, C]."""
+        device = codes.device
+        if device not in self._stores:
+            self._stores[device] = self._stores[torch.device("cpu")].to(device)
+        return self._stores[device].pairs(users.to(device), STAGES[stage] - 1, codes)
+
+
+@dataclass
+class EvalContext:
+    """Everything a task needs to score a view's validation/test batches, handed over once.
+
+    Args:
+        kind: "impressions" or "ranking".
+        num_items: V, the item codes ranked (code 0, unknown, is always masked).
+        catalogue: item-side features of every code 0..V-1, for `encode_item` models (ranking only).
+        pairs: builds (query, candidate) rows for pair-scoring models (ranking only).
+    """
+
+    kind: str
+    num_items: int
+    catalogue: Callable[[], Batch] | None = None
+    pairs: PairBuilder | None = None
+
+
+class View:
+    """Base of the views. Subclasses set `evaluation` and `train_dataset`; evaluation datasets follow it."""
+
+    evaluation: str
+
+    def __init__(self, data: ViewData) -> None:
+        self.data, self.store = data, data.store
+        if self.evaluation not in EVALUATIONS:
+            raise ValueError(
+                f"{type(self).__name__}: evaluation '{self.evaluation}' is not one of {EVALUATIONS}"
+            )
+        for stage in ("val", "test"):
+            self._check_evaluable(stage)
+
+    # ---- what subclasses provide ----------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    # ---- evaluation, shared ----------------------------------------------------------------------------------
+    def eval_dataset(self, stage: str) -> Dataset:
+        """Validation / test rows: query batches under ranking, labelled impressions otherwise."""
+        if self.evaluation == "ranking":
+            queries, level = self.data.queries[stage], STAGES[stage] - 1
+            return Rows(len(queries), lambda i: self.store.query_batch(queries.eval_targets(i), level))
+        rows = self.data.rows[stage]
+        return Rows(len(rows), lambda i: self.store.impressions(rows[i]))
+
+    def eval_context(self) -> EvalContext:
+        num_items = self.store.num_item_codes
+        if self.evaluation == "impressions":
+            return EvalContext("impressions", num_items)
+        return EvalContext(
+            "ranking",
+            num_items,
+            catalogue=lambda: self.store.items_batch(torch.arange(num_items)),
+            pairs=PairBuilder(self.store),
+        )
+
+    def reference_scores(self, stage: str) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """Labels of the rows an impressions evaluation scores, and reference scorers on the same rows:
+        training popularity and (simulated data) the true click probability. None under ranking."""
+        if self.evaluation != "impressions":
+            return None
+        rows = self.data.rows[stage]
+        labels = self.store.labels[self.store.meta.labels[0]][rows]
+        scores = {"popularity_auc": self.store.item_counts[self.store.item_codes(self.store.item[rows])]}
+        if self.data.oracle is not None:
+            scores["oracle_auc"] = self.data.oracle[rows]
+        return labels, scores
+
+    def describe(self) -> dict:
+        meta = self.store.meta
+        return {
+            "evaluation": self.evaluation,
+            "eval_candidates": meta.eval_candidates if self.evaluation == "ranking" else "logged impressions",
+        }
+
+    def _check_evaluable(self, stage: str) -> None:
+        """Stop before training when a stage cannot be evaluated the way this view scores it."""
+        meta = self.store.meta
+        if self.evaluation == "impressions" and not meta.has_negatives[stage]:
+            raise ValueError(
+                f"data.ctr_eval=impressions needs negative labels in the {stage} split, and it has none "
+                "(implicit data): use data.ctr_eval=ranking"
+            )
+        if self.evaluation == "ranking" and len(self.data.queries[stage]) == 0:
+            c = meta.counts
+            raise ValueError(
+                f"the {stage} split has no rankable query: {c.get(f'{stage}_rows')} {stage} rows, "
+                f"{c.get(f'{stage}_targets_unknown_item')} positives on items unknown to training, "
+                f"{c.get(f'{stage}_users_without_new_targets')} users with no new known item; change data.split "
+                "(larger validation/test share) or data.preprocess (k-core) so held-out users have new items"
+            )
+
+
+class CTRView(View):
+    """Pointwise click-through-rate training: interactions with their labels.
+
+    On implicit data (positives only) each positive row is followed by `negatives.n` sampled negatives of the
+    same user and context. Validation/test follow `ViewData.ctr_eval`.
+    """
+
+    def __init__(self, data: ViewData) -> None:
+        self.evaluation = data.ctr_eval
+        super().__init__(data)
+        rows = data.rows["train"]
+        if data.negatives is None and not bool((~data.store.positive[rows]).any()):
+            raise ValueError(
+                "data.train_negatives is required: the training split has only positive labels (implicit "
+                "data); set e.g. data.train_negatives=uniform_4"
+            )
+
+    def train_dataset(self) -> Dataset:
+        rows, store, negatives = self.data.rows["train"], self.store, self.data.negatives
+        if negatives is None:
+            return Rows(len(rows), lambda i: store.impressions(rows[i]))
+        positives = rows[store.positive[rows]]
+
+        def gather(i: Tensor) -> Batch:
+            chosen = positives[i]
+            return store.with_negatives(chosen, negatives.sample(store.user[chosen]))
+
+        return Rows(len(positives), gather)
+
+
+class RetrievalView(View):
+    """In-batch softmax retrieval: the positive training interactions; evaluation ranks items per query."""
+
+    evaluation = "ranking"
+
+    def train_dataset(self) -> Dataset:
+        rows = self.data.rows["train"]
+        positives = rows[self.store.positive[rows]]
+        return Rows(len(positives), lambda i: self.store.impressions(positives[i]))
