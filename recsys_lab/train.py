@@ -68,6 +68,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = cfg.get("ckpt_path")
     if resume:
         load_checkpoint(resume)  # a missing, truncated or foreign file stops here, before data preparation
+    # Loggers first: W&B settles its mode (and any unreachable server) before minutes of data preparation.
+    loggers = instantiate_loggers(cfg.get("logger"))
+    try:
+        return _fit_and_test(cfg, loggers, resume)
+    finally:
+        finish_loggers(loggers)
+
+
+def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, task = build(cfg)
     if cfg.monitor is None:  # null = the objective's headline metric under this data's evaluation
@@ -81,52 +90,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data_fingerprint": datamodule.fingerprint(),
         "protocol": datamodule.describe(),
     }
-    loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState()]
-    # On resume the sanity-check validation would draw from the just-restored random generators.
-    extra = {"num_sanity_val_steps": 0} if resume else {}
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, **extra
-    )
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     training = training_summary(trainer, datamodule)
     run_info["training"] = training
     for logger in loggers:
         logger.log_hyperparams(run_info)
 
-    try:
-        if cfg.get("train"):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
-        metrics: dict[str, float] = {}
-        best = best_score(trainer)
-        if best is not None:
-            metrics[f"best_{cfg.monitor}"] = best
-        if cfg.get("test"):
-            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
-            tested, reference = stage_metrics(trainer, datamodule.view, "test")
-            metrics.update(tested | reference)
-            for logger in loggers if reference else []:
-                logger.log_metrics(reference)
-        results = {
-            "metrics": metrics,
-            "monitor": cfg.monitor,
-            "model": cfg.model.net._target_,
-            "task": cfg.model._target_,
-            "seed": cfg.seed,
-            "git_commit": commit,
-            "data_fingerprint": run_info["data_fingerprint"],
-            "protocol": run_info["protocol"],
-            "training": training,
-            "best_checkpoint": trainer.checkpoint_callback.best_model_path
-            if trainer.checkpoint_callback
-            else None,
-            "output_dir": str(output_dir),
-        }
-        if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
-            write_results(results, output_dir)
-        return results
-    finally:
-        finish_loggers(loggers)
+    if cfg.get("train"):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    metrics: dict[str, float] = {}
+    best = best_score(trainer)
+    if best is not None:
+        metrics[f"best_{cfg.monitor}"] = best
+    if cfg.get("test"):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt or None)
+        tested, reference = stage_metrics(trainer, datamodule.view, "test")
+        metrics.update(tested | reference)
+        for logger in loggers if reference else []:
+            logger.log_metrics(reference)
+    results = {
+        "metrics": metrics,
+        "monitor": cfg.monitor,
+        "model": cfg.model.net._target_,
+        "task": cfg.model._target_,
+        "seed": cfg.seed,
+        "git_commit": commit,
+        "data_fingerprint": run_info["data_fingerprint"],
+        "protocol": run_info["protocol"],
+        "training": training,
+        "best_checkpoint": trainer.checkpoint_callback.best_model_path
+        if trainer.checkpoint_callback
+        else None,
+        "output_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
+        write_results(results, output_dir)
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -13,3 +13,13 @@ SMALL_DATA = [
     "data.batch_size=256",
     "data.eval_batch_size=512",
 ]
+
+
+def model_overrides(model: str, tmp_path: Path) -> list[str]:
+    """Overrides that make a model config run on small data (a tiny random BERT instead of MiniLM)."""
+    extra = []
+    if model == "bert_cross_encoder":
+        from recsys_lab.utils.testing_text import build_tiny_bert
+
+        extra = [f"model.net.pretrained={build_tiny_bert(tmp_path / 'bert')}", "model.net.sha256=null"]
+    return [f"model={model}", "data=ecommerce", *SMALL_DATA, "logger=none", *extra]

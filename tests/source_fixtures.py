@@ -10,6 +10,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 # The shared RecBole atomic copy of MovieLens-100K (tests that need it skip without it).
@@ -165,4 +166,82 @@ def write_archive(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as bundle:
         bundle.writestr("data/a.txt", "hello")
         bundle.writestr("data/b.txt", "world")
+    return path
+
+
+# ---- random but seeded datasets large enough to train on (end-to-end and config-grid tests) -----------------
+def random_ml100k(folder: Path, rng: np.random.Generator, users: int = 30, items: int = 40) -> Path:
+    """GroupLens 100k files with `users` users rating 12 random items each (enough for leave-one-out)."""
+    folder.mkdir(parents=True)
+    rows = []
+    for u in range(1, users + 1):
+        chosen = rng.choice(np.arange(1, items + 1), size=12, replace=False)
+        rows += [f"{u}\t{i}\t{rng.integers(1, 6)}\t{880000000 + 1000 * u + k}" for k, i in enumerate(chosen)]
+    (folder / "u.data").write_text("\n".join(rows) + "\n")
+    genres = ["0"] * 19
+    lines = []
+    for i in range(1, items + 1):
+        g = list(genres)
+        g[i % 19] = "1"
+        lines.append(f"{i}|Movie {i} ({1980 + i % 15})|01-Jan-{1980 + i % 15}||http://x|" + "|".join(g))
+    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    (folder / "u.user").write_text(
+        "\n".join(f"{u}|{20 + u}|{'MF'[u % 2]}|student|{10000 + u}" for u in range(1, users + 1)) + "\n"
+    )
+    return folder
+
+
+def random_atomic(folder: Path, rng: np.random.Generator) -> Path:
+    """RecBole atomic `toy.inter` / `toy.item`: 25 users x 8 ratings over 30 items with titles and genres."""
+    folder.mkdir(parents=True)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(25):
+        for k, i in enumerate(rng.choice(30, size=8, replace=False)):
+            lines.append(f"u{u}\ti{i}\t{rng.integers(1, 6)}\t{1000 * u + k}")
+    (folder / "toy.inter").write_text("\n".join(lines) + "\n")
+    (folder / "toy.item").write_text(
+        "item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
+        + "\n".join(f"i{i}\tfilm number {i}\tgenre{i % 4} genre{i % 3}" for i in range(30))
+        + "\n"
+    )
+    return folder
+
+
+def random_amazon_2023(folder: Path, rng: np.random.Generator) -> Path:
+    """Amazon Reviews 2023 Video_Games: 20 users x 7 reviews over 25 products with metadata."""
+    folder.mkdir(parents=True)
+    reviews = [
+        {
+            "user_id": f"U{u}",
+            "parent_asin": f"B{i:03d}",
+            "rating": float(rng.integers(1, 6)),
+            "timestamp": 1_600_000_000_000 + 1000 * (10 * u + k),
+        }
+        for u in range(20)
+        for k, i in enumerate(rng.choice(25, size=7, replace=False))
+    ]
+    meta = [
+        {
+            "parent_asin": f"B{i:03d}",
+            "title": f"Game {i}",
+            "categories": ["Video Games", f"Genre{i % 3}"],
+            "store": f"Studio{i % 4}",
+            "price": None if i % 5 == 0 else 9.99 + i,
+        }
+        for i in range(25)
+    ]
+    for name, records in (("Video_Games.jsonl.gz", reviews), ("meta_Video_Games.jsonl.gz", meta)):
+        with gzip.open(folder / name, "wt") as f:
+            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    return folder
+
+
+def random_tabular(path: Path, rng: np.random.Generator) -> Path:
+    """Your own CSV: 25 users x 8 clicks over 30 items, with a category and a title per item."""
+    rows = [
+        (f"u{u}", f"sku{i}", 1000 * u + k, f"cat{i % 4}", f"product number {i}")
+        for u in range(25)
+        for k, i in enumerate(rng.choice(30, size=8, replace=False))
+    ]
+    pl.DataFrame(rows, schema=["uid", "sku", "when", "category", "title"], orient="row").write_csv(path)
     return path

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from recsys_lab.train import train
+
+# Full default-size runs: minutes on 2 cores, so they run in CI's full `pytest` but not in `-m "not slow"`.
+pytestmark = pytest.mark.slow
 
 DEFAULT_DATA = ["data=ecommerce", "logger=none", "trainer.enable_progress_bar=false"]
 

@@ -3,8 +3,6 @@ real-data source training through train.py on fixtures written here in that sour
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from recsys_lab.data.sources.raw import RawData
 from recsys_lab.data.splits import LeaveOneOutSplit, PreSplit, RandomRatioSplit
 from recsys_lab.data.views import RetrievalView
 from recsys_lab.train import train
+from tests.source_fixtures import random_amazon_2023, random_atomic, random_ml100k
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -182,26 +181,6 @@ def test_audit_catches_training_histories_built_from_the_future(tmp_path):
         audit(dm.prepared(), dm.store, dm.queries)
 
 
-def write_ml100k(folder: Path, rng: np.random.Generator, users: int = 30, items: int = 40) -> Path:
-    folder.mkdir(parents=True)
-    rows = []
-    for u in range(1, users + 1):
-        chosen = rng.choice(np.arange(1, items + 1), size=12, replace=False)
-        rows += [f"{u}\t{i}\t{rng.integers(1, 6)}\t{880000000 + 1000 * u + k}" for k, i in enumerate(chosen)]
-    (folder / "u.data").write_text("\n".join(rows) + "\n")
-    genres = ["0"] * 19
-    lines = []
-    for i in range(1, items + 1):
-        g = list(genres)
-        g[i % 19] = "1"
-        lines.append(f"{i}|Movie {i} ({1980 + i % 15})|01-Jan-{1980 + i % 15}||http://x|" + "|".join(g))
-    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
-    (folder / "u.user").write_text(
-        "\n".join(f"{u}|{20 + u}|{'MF'[u % 2]}|student|{10000 + u}" for u in range(1, users + 1)) + "\n"
-    )
-    return folder
-
-
 SMALL_PROTOCOL = [
     "logger=none",
     "data.preprocess.user_core=0",
@@ -213,7 +192,7 @@ SMALL_PROTOCOL = [
 @pytest.mark.parametrize("model", ["din", "two_tower"])
 @pytest.mark.parametrize("candidates", ["full", "uniform_5"])
 def test_movielens_fixture_trains_under_each_protocol(model, candidates, make_cfg, tmp_path):
-    folder = write_ml100k(tmp_path / "ml", np.random.default_rng(0))
+    folder = random_ml100k(tmp_path / "ml", np.random.default_rng(0))
     cfg = make_cfg(
         [
             f"model={model}",
@@ -239,19 +218,7 @@ def test_movielens_fixture_trains_under_each_protocol(model, candidates, make_cf
 
 
 def test_atomic_and_tabular_sources_train(make_cfg, tmp_path):
-    rng = np.random.default_rng(1)
-    atomic = tmp_path / "atomic"
-    atomic.mkdir()
-    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-    for u in range(25):
-        for k, i in enumerate(rng.choice(30, size=8, replace=False)):
-            lines.append(f"u{u}\ti{i}\t{rng.integers(1, 6)}\t{1000 * u + k}")
-    (atomic / "toy.inter").write_text("\n".join(lines) + "\n")
-    (atomic / "toy.item").write_text(
-        "item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
-        + "\n".join(f"i{i}\tfilm number {i}\tgenre{i % 4} genre{i % 3}" for i in range(30))
-        + "\n"
-    )
+    atomic = random_atomic(tmp_path / "atomic", np.random.default_rng(1))
     r1 = train(
         make_cfg(
             [
@@ -290,32 +257,7 @@ def test_atomic_and_tabular_sources_train(make_cfg, tmp_path):
 
 
 def test_amazon_2023_source_trains(make_cfg, tmp_path):
-    rng = np.random.default_rng(2)
-    folder = tmp_path / "amazon"
-    folder.mkdir()
-    reviews = [
-        {
-            "user_id": f"U{u}",
-            "parent_asin": f"B{i:03d}",
-            "rating": float(rng.integers(1, 6)),
-            "timestamp": 1_600_000_000_000 + 1000 * (10 * u + k),
-        }
-        for u in range(20)
-        for k, i in enumerate(rng.choice(25, size=7, replace=False))
-    ]
-    meta = [
-        {
-            "parent_asin": f"B{i:03d}",
-            "title": f"Game {i}",
-            "categories": ["Video Games", f"Genre{i % 3}"],
-            "store": f"Studio{i % 4}",
-            "price": None if i % 5 == 0 else 9.99 + i,
-        }
-        for i in range(25)
-    ]
-    for name, records in (("Video_Games.jsonl.gz", reviews), ("meta_Video_Games.jsonl.gz", meta)):
-        with gzip.open(folder / name, "wt") as f:
-            f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    folder = random_amazon_2023(tmp_path / "amazon", np.random.default_rng(2))
     results = train(
         make_cfg(
             ["model=din", "data=amazon", "data.source.year=2023", f"data.path={folder}", *SMALL_PROTOCOL]

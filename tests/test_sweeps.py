@@ -77,6 +77,11 @@ def test_ddp_with_two_cpu_processes(tmp_path, data_dir):
     (results,) = list((tmp_path / "logs").glob("train/runs/*/results.json"))
     r = json.loads(results.read_text())
     # both ranks trained and evaluated; rank 0 alone wrote the (synced) results
-    for key in ("test/auc", "test/gauc", "test/oracle_auc"):
-        assert 0.0 < r["metrics"][key] <= 1.0
+    assert {"test/auc", "test/gauc", "test/oracle_auc", "test/popularity_auc"} <= set(r["metrics"])
+    assert r["metrics"]["test/oracle_auc"] > r["metrics"]["test/popularity_auc"]
     assert r["protocol"]["leakage_audit"]["status"] == "passed"
+    # what DDP changes is printed with the results: two processes, twice the rows per optimizer step
+    training = r["training"]
+    assert training["world_size"] == 2 and training["global_batch"] == 2 * training["batch_size_per_process"]
+    steps = -(-training["train_examples"] // training["global_batch"])  # ceil
+    assert training["optimizer_steps_per_epoch"] == steps

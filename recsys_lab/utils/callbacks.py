@@ -18,9 +18,9 @@ class RandomState(pl.Callback):
 
     The checkpoint is written at the end of an epoch's validation; restoring the generators there means the
     resumed run shuffles, draws dropout masks and continues exactly as the uninterrupted run would have (the
-    DataModule restores its own negative sampler). `train.py` skips the sanity-check validation on resume, as
-    it would draw from the restored generators before training continues. States are stored as tensors and
-    plain Python values, so checkpoints still load with `weights_only=True`.
+    DataModule restores its own negative sampler; Lightning skips the sanity-check validation when it resumes
+    from such a checkpoint, so nothing draws in between). States are stored as tensors and plain Python values,
+    so checkpoints still load with `weights_only=True`.
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -62,8 +62,8 @@ class RunCheckpoint(ModelCheckpoint):
             super().load_state_dict(state_dict)
             return
         best = {p: s for p, s in state_dict.get("best_k_models", {}).items() if Path(p).exists()}
-        self.best_model_path = state_dict.get("best_model_path", "")
-        if best and Path(self.best_model_path).exists():
+        if best and Path(state_dict.get("best_model_path", "")).exists():
+            self.best_model_path = state_dict["best_model_path"]
             self.best_model_score = state_dict["best_model_score"]
             self.best_k_models = best
             self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)

@@ -19,6 +19,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger
 
@@ -41,6 +42,34 @@ def validate_config(cfg: DictConfig) -> None:
     lr = optimizer.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ConfigError(f"model.optimizer.lr={lr}: expected a positive number")
+
+
+class WritableOutput(Callback):
+    """Hydra callback: stop with one line when the run (or sweep) directory cannot be created.
+
+    Hydra creates the job's output directory before `main` runs, so a read-only `paths.log_dir` would surface
+    as a stripped traceback from inside Hydra; this checks the folder first.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise SystemExit(
+                f"error: cannot write the run directory {path} ({err.strerror}); set paths.log_dir (or "
+                "hydra.run.dir / hydra.sweep.dir) to a writable folder"
+            ) from None
 
 
 def check_optimizer(task: pl.LightningModule) -> None:

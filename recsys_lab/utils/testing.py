@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import pytorch_lightning as pl
 import torch
 
 from recsys_lab.data.batch import Batch, Seq
@@ -45,3 +49,20 @@ def random_batch(schema: Schema, batch_size: int = 6, seed: int = 0) -> Batch:
     for name in schema.labels:
         batch.labels[name] = torch.randint(0, 2, (batch_size,), generator=g).float()
     return batch
+
+
+class KillAt(pl.Callback):
+    """Kills its own process with SIGKILL at a given training batch: an abrupt crash (no cleanup, no checkpoint
+    written on the way out) for testing that a resumed run continues the interrupted one exactly.
+
+    Args:
+        epoch: the epoch (0-based) in which to die.
+        batch: the batch index within that epoch at whose start to die.
+    """
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
