@@ -34,7 +34,9 @@ def test_fast_dev_run(model, make_cfg, tmp_path):
     results = train(cfg)
     metrics = results["metrics"]
     if model in CTR_MODELS:
-        assert set(metrics) == {f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")}
+        assert set(metrics) == {
+            f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")
+        }
         # the reference scorers are computed on the whole test split: the truth beats popularity there
         assert metrics["test/oracle_auc"] > metrics["test/popularity_auc"] + 0.05
         assert metrics["test/logloss"] > 0
