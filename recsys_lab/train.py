@@ -19,23 +19,25 @@ from omegaconf import DictConfig, OmegaConf
 from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.tasks.base import RecTask
 from recsys_lab.utils.callbacks import RandomState
+from recsys_lab.utils.checks import (
+    check_metric_names,
+    check_optimizer,
+    load_checkpoint,
+    user_error_message,
+    validate_config,
+)
 from recsys_lab.utils.pretrained import register_resolvers
 from recsys_lab.utils.run import (
     RunMetadata,
     best_score,
-    check_metric_names,
-    check_optimizer,
-    finish_loggers,
     git_commit,
     instantiate_callbacks,
     instantiate_loggers,
-    load_checkpoint,
     stage_metrics,
     training_summary,
-    user_error_message,
-    validate_config,
     write_results,
 )
+from recsys_lab.utils.wandb_logging import finish_loggers
 
 register_resolvers()
 # conf/ sits beside the package in the repository (an editable install keeps it there)

@@ -15,13 +15,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.train import CONFIG_DIR, build
-from recsys_lab.utils.run import (
-    ConfigError,
-    load_checkpoint,
-    stage_metrics,
-    user_error_message,
-    write_results,
-)
+from recsys_lab.utils.checks import ConfigError, load_checkpoint, user_error_message
+from recsys_lab.utils.run import stage_metrics, write_results
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -33,14 +33,6 @@ L = 5  # short, so many users have more positives than the history carries
 USER_COLS = ["age", "gender", "region", "pref_device"]
 ITEM_COLS = ["cat1", "cat2", "brand"]
 CONTEXT_COLS = ["hour", "weekday", "device"]
-CACHE_FILES = [
-    "items.parquet",
-    "meta.json",
-    "queries_test.parquet",
-    "queries_val.parquet",
-    "rows.parquet",
-    "users.parquet",
-]
 STAGE_CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys_lab.train import train
-from recsys_lab.utils.run import user_error_message
+from recsys_lab.utils.checks import user_error_message
 from tests.helpers import REPO, SMALL_DATA, model_overrides
 
 

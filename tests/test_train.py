@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 from recsys_lab.tasks.base import CheckpointMismatchError
 from recsys_lab.train import CONFIG_DIR, train
-from recsys_lab.utils.run import ConfigError
+from recsys_lab.utils.checks import ConfigError
 from tests.helpers import REPO, SMALL_DATA, model_overrides
 
 MODELS = ["din", "two_tower", "bert_cross_encoder", "popularity", "popularity_retrieval"]

@@ -15,7 +15,8 @@ import pytest
 import wandb  # imported up front: its first import is not part of what the timing tests measure
 
 from recsys_lab.train import train
-from recsys_lab.utils.run import ConfigError, _wandb_key, finish_loggers, wandb_logger
+from recsys_lab.utils.checks import ConfigError
+from recsys_lab.utils.wandb_logging import _wandb_key, finish_loggers, wandb_logger
 from tests.helpers import REPO, SMALL_DATA
 
 TINY_RUN = [
@@ -156,7 +157,7 @@ def test_auto_mode_falls_back_when_the_run_does_not_start_in_time(no_network, mo
 
 def test_reachability_probe_gives_up_at_its_deadline(monkeypatch):
     """Name resolution and connects can hang past any socket timeout; the probe abandons them."""
-    from recsys_lab.utils.run import _unreachable
+    from recsys_lab.utils.wandb_logging import _unreachable
 
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
     start = time.monotonic()
@@ -167,7 +168,7 @@ def test_reachability_probe_gives_up_at_its_deadline(monkeypatch):
 
 def test_reachability_probe_goes_through_the_https_proxy(monkeypatch):
     """Behind a proxy only the proxy must be reachable (W&B's client uses it), not the W&B host."""
-    from recsys_lab.utils.run import _unreachable
+    from recsys_lab.utils.wandb_logging import _unreachable
 
     with socket.socket() as proxy:
         proxy.bind(("127.0.0.1", 0))

@@ -72,6 +72,17 @@ def _inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
     return torch.minimum(idx, last)
 
 
+def _group_entries(owners: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries grouped by owner: the distinct owners [R], each entry's owner slot [M], entries per owner [R]
+    and each entry's position among its owner's entries [M] (in entry order)."""
+    rows, slot = torch.unique(owners, return_inverse=True)  # slot: entry -> index into rows
+    per_row = torch.bincount(slot, minlength=len(rows))  # (R,)
+    order = torch.argsort(slot, stable=True)
+    rank = torch.empty_like(slot)
+    rank[order] = torch.arange(len(slot), device=slot.device) - (per_row.cumsum(0) - per_row)[slot[order]]
+    return rows, slot, per_row, rank
+
+
 def _draw(
     weights: Tensor,
     owners: Tensor,
@@ -105,11 +116,7 @@ def _draw(
         return out
 
     # Exact fallback for the few owners whose positives hold nearly all the mass: their own masked CDF.
-    rows, slot = torch.unique(owners[bad], return_inverse=True)  # slot: bad entry -> index into rows
-    order = torch.argsort(slot, stable=True)
-    per_row = torch.bincount(slot, minlength=len(rows))  # (R,)
-    rank = torch.empty_like(slot)  # position of each bad entry among its row's bad entries
-    rank[order] = torch.arange(len(slot), device=slot.device) - (per_row.cumsum(0) - per_row)[slot[order]]
+    rows, slot, per_row, rank = _group_entries(owners[bad])
     width = int(per_row.max())
     chunk = max(1, _FALLBACK_CELLS // n_items)  # bounds the (C, N) weights below
     catalogue = torch.arange(n_items, device=owners.device)
@@ -207,11 +214,7 @@ def _make_distinct(
     if not bool(dup.any()):
         return items
     kept = PositiveSet(owners[~dup], items[~dup], len(weights))
-    rows, slot = torch.unique(owners[dup], return_inverse=True)
-    need = torch.bincount(slot, minlength=len(rows))  # (R,) entries to replace per owner
-    rank = torch.zeros_like(slot)  # position of each repeated entry among its owner's repeated entries
-    order = torch.argsort(slot, stable=True)
-    rank[order] = torch.arange(len(slot), device=slot.device) - (need.cumsum(0) - need)[slot[order]]
+    rows, slot, need, rank = _group_entries(owners[dup])  # need: entries to replace per owner
     n_items = len(weights)
     catalogue = torch.arange(n_items, device=owners.device)
     chunk = max(1, _FALLBACK_CELLS // n_items)

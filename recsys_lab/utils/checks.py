@@ -1,0 +1,122 @@
+"""Checks that turn bad run input into one clear line: config values, metric names, checkpoint files,
+unwritable output folders, and the message `train.py` prints instead of a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what was expected."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values Lightning or torch would accept with a surprising meaning (max_epochs=-1 trains forever),
+    or reject only after the data is prepared (a negative learning rate)."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "min_epochs"):
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"trainer.{key}={value}: expected a positive integer (or null)")
+    if cfg.get("seed") is not None and not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed}: expected an integer")
+    optimizer = (cfg.get("model") or {}).get("optimizer") or {}
+    lr = optimizer.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"model.optimizer.lr={lr}: expected a positive number")
+
+
+class WritableOutput(Callback):
+    """Hydra callback: stop with one line when the run (or sweep) directory cannot be created.
+
+    Hydra creates the job's output directory before `main` runs, so a read-only `paths.log_dir` would surface
+    as a stripped traceback from inside Hydra; this checks the folder first.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise SystemExit(
+                f"error: cannot write the run directory {path} ({err.strerror}); set paths.log_dir (or "
+                "hydra.run.dir / hydra.sweep.dir) to a writable folder"
+            ) from None
+
+
+def check_optimizer(task: pl.LightningModule) -> None:
+    """Build the optimizer (and scheduler) once, so a bad argument stops before training with its key."""
+    try:
+        task.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.optimizer / model.scheduler: {err}") from None
+
+
+def check_metric_names(cfg: DictConfig, task) -> None:
+    """`monitor` (and `optimized_metric`) must be something the task logs: checked before training."""
+    logged = task.metric_names("val")
+    allowed = [*logged, "train/loss"]
+    if cfg.monitor not in allowed:
+        raise ConfigError(f"monitor={cfg.monitor}: this run logs {allowed}; choose one of them (or null)")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in [*allowed, *task.metric_names("test")]:
+        raise ConfigError(f"optimized_metric={metric}: this run logs {allowed} and their test/ versions")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint file read safely (`weights_only=True`); ConfigError naming `ckpt_path` if it is missing,
+    truncated or not a PyTorch checkpoint."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        # Only the error's kind: torch's own text suggests `weights_only=False`, never safe for an unknown file.
+        raise ConfigError(
+            f"ckpt_path={path}: not a readable checkpoint ({type(err).__name__}: the file is truncated, corrupt "
+            "or not a PyTorch Lightning checkpoint written by train.py)"
+        ) from None
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """One line for errors caused by input (config values, files, caches, checkpoints); None for bugs.
+
+    Errors raised deliberately by recsys_lab (a ValueError naming a key, a SourceError naming a file, a
+    cache or checkpoint error) and file-system errors are input errors; anything raised deep inside a library
+    keeps its traceback (set RECSYS_LAB_TRACEBACK=1 to see it for input errors too)."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return user_error_message(err.__cause__)
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return f"error: {err}"
+    if isinstance(err, (ValueError, RuntimeError)) and _raised_by_recsys_lab(err):
+        return f"error: {err}"
+    return None
+
+
+def _raised_by_recsys_lab(err: BaseException) -> bool:
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "recsys_lab" in Path(tb.tb_frame.f_code.co_filename).parts
