@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recsys_lab.data import sampling
+from recsys_lab.data.ragged import Ragged
 from recsys_lab.data.sampling import (
     FullRanking,
     PopularityNegatives,
@@ -14,7 +15,6 @@ from recsys_lab.data.sampling import (
     SampledRanking,
     UniformNegatives,
 )
-from recsys_lab.data.store import Ragged
 
 
 def _dense_interactions(n_users: int = 40, n_items: int = 30, density: float = 0.7, seed: int = 0):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from recsys_lab.data.batch import Batch, Seq
+from recsys_lab.data.batch import Batch, EvalTargets, PositionTargets, Seq
 from recsys_lab.data.schema import Feature, Schema
 from recsys_lab.utils.testing import random_batch, tiny_schema
 
@@ -210,3 +210,43 @@ def test_batch_to_copies_every_group():
     for name, value in batch.sparse.items():
         assert torch.equal(back.sparse[name], value)
     assert torch.equal(back.seq["hist_item_id"].lengths, batch.seq["hist_item_id"].lengths)
+
+
+def _full_batch(rows: int, width: int, seed: int) -> Batch:
+    """A batch using every group: features, position-wise targets and evaluation targets."""
+    batch = random_batch(tiny_schema(), batch_size=rows, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, width + 1, (rows,), generator=g)
+    ids = torch.randint(1, 9, (rows, width), generator=g)
+    batch.targets = {"next_item": PositionTargets(ids, Seq(ids, lengths).mask())}
+    batch.eval = EvalTargets(
+        user=torch.arange(rows) + 10 * seed,
+        targets=Seq(ids[:, :1], torch.ones(rows, dtype=torch.long)),
+        seen=Seq(ids, lengths),
+        candidates=None,
+    )
+    return batch
+
+
+def test_every_group_is_selected_moved_and_concatenated():
+    """select / to / concat walk every field generically: position-wise targets and evaluation targets go
+    along with the features, and sequences of different widths are padded (masks padded with False)."""
+    a, b = _full_batch(3, width=4, seed=1), _full_batch(2, width=6, seed=2)
+    sub = a.select(torch.tensor([2, 0]))
+    assert torch.equal(sub.targets["next_item"].ids, a.targets["next_item"].ids[[2, 0]])
+    assert torch.equal(sub.eval.user, a.eval.user[[2, 0]]) and sub.eval.candidates is None
+    assert torch.equal(sub.eval.seen.lengths, a.eval.seen.lengths[[2, 0]])
+
+    moved = a.to("meta")
+    assert moved.targets["next_item"].mask.device.type == "meta" and moved.eval.seen.ids.device.type == "meta"
+
+    both = Batch.concat([a, b])
+    assert len(both) == 5
+    target = both.targets["next_item"]
+    assert target.ids.shape == (5, 6) and target.mask.dtype == torch.bool
+    assert torch.equal(target.ids[:3, :4], a.targets["next_item"].ids) and (target.ids[:3, 4:] == 0).all()
+    assert not target.mask[:3, 4:].any()  # padding is never supervised
+    assert torch.equal(target.mask[3:], b.targets["next_item"].mask)
+    assert torch.equal(both.eval.user, torch.cat([a.eval.user, b.eval.user]))
+    assert torch.equal(both.eval.seen.lengths, torch.cat([a.eval.seen.lengths, b.eval.seen.lengths]))
+    assert torch.equal(both.sparse["item_id"], torch.cat([a.sparse["item_id"], b.sparse["item_id"]]))

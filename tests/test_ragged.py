@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_lab.data.store import Ragged
+from recsys_lab.data.ragged import Ragged
 
 LONG = torch.long
 
