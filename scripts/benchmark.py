@@ -17,8 +17,9 @@ batches, then times the next N batches only. The numbers:
 - train samples/s: training rows per second of optimisation steps: the task's own `training_step` (forward +
   loss), `backward()` and `optimizer.step()`. Gathering a batch and copying it to the device happen outside
   the timer, and so does Lightning's loop overhead (hooks, logging, progress bar): this is the model's cost.
-- eval scored pairs/s: (query, item) scores per second from the task's `validation_step`, run in eval mode
-  under `torch.no_grad()`. Metric updates are included, as in validation. A CTR model scores one impression
+- eval scored pairs/s: (query, item) scores per second from the task's public `evaluate_batch` (what
+  `validation_step` calls), in eval mode under `torch.no_grad()`. Metric updates are included, as in
+  validation. A CTR model scores one impression
   per row. A retrieval model scores each query against the whole catalogue (queries x items per second,
   with masking and top-k included); the catalogue is encoded once before timing, as it is once per
   evaluation epoch.
