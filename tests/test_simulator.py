@@ -190,6 +190,7 @@ def test_small_catalogue_with_empty_leaves(seed):
         ("n_days", 2),
         ("impressions_per_user", 0.5),
         ("latent_dim", 0),
+        ("latent_dim", 1),  # titles name the two strongest factors: one would crash load()
         ("latent_dim", 9),
         ("zipf_exponent", -0.1),
         ("cold_item_fraction", 1.0),

@@ -92,7 +92,7 @@ class EcommerceSimulator:
             result in about a minute on 2 CPU cores; `n_users=300_000, impressions_per_user=80` gives ~24M.
         n_days: length of the log; splits are cut by time downstream.
         impressions_per_user: mean impressions per user (log-normal activity, so a few users are very active).
-        latent_dim: width of the latent taste factors (at most len(FACTOR_WORDS)).
+        latent_dim: width of the latent taste factors (2..len(FACTOR_WORDS): titles name the two strongest).
         zipf_exponent: exposure and appeal follow item popularity rank ** -zipf_exponent.
         cold_item_fraction: share of items released only in the last quarter of the log.
         n_brands: brands, each belonging to one top category.
@@ -122,7 +122,7 @@ class EcommerceSimulator:
             "n_items": n_items >= 2 * len(CATEGORY_TREE),
             "n_days": n_days >= 3,
             "impressions_per_user": impressions_per_user >= 1,
-            "latent_dim": 1 <= latent_dim <= len(FACTOR_WORDS),
+            "latent_dim": 2 <= latent_dim <= len(FACTOR_WORDS),  # a title names the two strongest factors
             "zipf_exponent": zipf_exponent >= 0,
             "cold_item_fraction": 0 <= cold_item_fraction < 1,
             "n_brands": n_brands >= len(CATEGORY_TREE),
@@ -134,7 +134,7 @@ class EcommerceSimulator:
             raise ValueError(
                 f"data.source: invalid simulator parameter(s) {bad} "
                 f"(need n_users>=2, n_items>={2 * len(CATEGORY_TREE)}, n_days>=3, impressions_per_user>=1, "
-                f"1<=latent_dim<={len(FACTOR_WORDS)}, zipf_exponent>=0, 0<=cold_item_fraction<1, "
+                f"2<=latent_dim<={len(FACTOR_WORDS)}, zipf_exponent>=0, 0<=cold_item_fraction<1, "
                 f"n_brands>={len(CATEGORY_TREE)}, image_dim>=1, recent_window>=1)"
             )
         self.params = SimulatorParams(
