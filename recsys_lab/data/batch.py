@@ -29,7 +29,8 @@ from torch import Tensor
 
 @dataclass  # not frozen: Lightning's half-precision path rejects frozen dataclasses
 class Seq:
-    """A right-padded id sequence. ids: int64 [B, L]; lengths: int64 [B] (0 <= lengths <= L).
+    """A right-padded id sequence. ids: int64 [B, L]; lengths: int64 [B] (0 <= lengths <= L); times: optional
+    int64 [B, L], the timestamp (seconds) of each entry, carried where the data has it (the item history).
 
     Positions at or beyond `lengths` hold arbitrary ids (0 by convention); models must mask with `mask()`,
     never by testing for id 0.
@@ -37,6 +38,7 @@ class Seq:
 
     ids: Tensor
     lengths: Tensor
+    times: Tensor | None = None
 
     def mask(self) -> Tensor:
         """bool [B, L]: True at real (non-padding) positions."""

@@ -232,7 +232,7 @@ class RecDataModule(pl.LightningDataModule):
             if oracle_column
             else None
         )
-        data = ViewData(self.store, self.rows, self.queries, self.negatives, self.ctr_eval, oracle)
+        data = ViewData(self.store, self.rows, self.queries, self.negatives, self.ctr_eval, oracle, self.seed)
         self._view = view_type(data)
         return self._view
 

@@ -54,6 +54,8 @@ class Schema:
         labels: label names present in `batch.labels` ("click", "purchase", ...).
         item_counts: float [num_items], positive training interactions per item. Popularity baselines score with
             it and sampled-softmax losses use it as the sampling probability for logQ correction.
+        train_pairs: int64 [P, 2], the (user code, item code) of every positive training interaction: the
+            user-item graph of LightGCN and the interaction matrix of EASE, fitted on the training split only.
     """
 
     features: list[Feature]
@@ -61,6 +63,7 @@ class Schema:
     item_id: str = "item_id"
     labels: list[str] = field(default_factory=lambda: ["click"])
     item_counts: Tensor | None = None
+    train_pairs: Tensor | None = None
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
@@ -120,19 +123,30 @@ class Schema:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, item_counts: Tensor | None = None) -> Schema:
+    def from_dict(
+        cls, data: dict, item_counts: Tensor | None = None, train_pairs: Tensor | None = None
+    ) -> Schema:
         return cls(
             features=[Feature(**f) for f in data["features"]],
             user_id=data["user_id"],
             item_id=data["item_id"],
             labels=list(data["labels"]),
             item_counts=item_counts,
+            train_pairs=train_pairs,
         )
 
     def fingerprint(self) -> str:
         """Short hash of the feature layout: a checkpoint only loads into a model built for the same layout."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def require_train_pairs(self, model: str) -> Tensor:
+        """int64 [P, 2] training (user code, item code) pairs; a clear error for schemas built without them."""
+        if self.train_pairs is None:
+            raise ValueError(
+                f"{model} needs schema.train_pairs (the training interactions); the DataModule sets it"
+            )
+        return self.train_pairs
 
     def item_log_prob(self) -> Tensor:
         """float [num_items]: log of each item's share of training positives (add-one smoothed)."""

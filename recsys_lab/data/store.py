@@ -98,6 +98,7 @@ class FeatureStore:
         timelines: per split level s (0 train, 1 +validation, 2 +test), each user's positives of splits <= s
             as item entities in time order. A row of split s reads timeline s, so a training row never sees a
             validation or test interaction.
+        timeline_times: per level, the timestamp of every timeline entry (aligned with its values).
         n_prior: int64 [R], the row's user's positives in its timeline strictly before the row's timestamp.
         history_len: L, the most recent positives a batch carries.
         history_features: item categorical columns gathered along the history besides the item id.
@@ -121,6 +122,7 @@ class FeatureStore:
         timestamp: Tensor,
         positive: Tensor,
         timelines: list[Ragged],
+        timeline_times: list[Tensor],
         n_prior: Tensor,
         history_len: int,
         history_features: list[str],
@@ -136,7 +138,7 @@ class FeatureStore:
             timestamp,
             positive,
         )
-        self.timelines, self.n_prior = timelines, n_prior
+        self.timelines, self.timeline_times, self.n_prior = timelines, timeline_times, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class FeatureStore:
             timestamp=ts,
             positive=positive,
             timelines=timelines,
+            timeline_times=timeline_ts,
             n_prior=n_prior,
             history_len=history_len,
             history_features=list(history_features),
@@ -223,7 +226,15 @@ class FeatureStore:
             feats.append(Feature(name, "seq", "user", vocab_size=v[column], max_len=L, embed_as=column))
         if self.text is not None:
             feats.append(Feature("pair_text", "text", "context", max_len=self.text.max_length))
-        return Schema(feats, labels=list(self.meta.labels), item_counts=self.item_counts)
+        return Schema(
+            feats, labels=list(self.meta.labels), item_counts=self.item_counts, train_pairs=self.train_pairs()
+        )
+
+    def train_pairs(self) -> Tensor:
+        """int64 [P, 2]: (user code, item code) of every positive training interaction."""
+        rows = ((self.split == 0) & self.positive).nonzero().squeeze(1)
+        users = self.users.sparse["user_id"][self.user[rows]]
+        return torch.stack([users, self.item_codes(self.item[rows])], dim=1)
 
     @property
     def item_counts(self) -> Tensor:
@@ -253,6 +264,7 @@ class FeatureStore:
             timestamp=self.timestamp.to(device),
             positive=self.positive.to(device),
             timelines=[t.to(device) for t in self.timelines],
+            timeline_times=[t.to(device) for t in self.timeline_times],
             n_prior=self.n_prior.to(device),
             history_len=self.history_len,
             history_features=self.history_features,
@@ -289,6 +301,17 @@ class FeatureStore:
             batch.labels[name] = column[rows]
         if self.text is not None:
             batch.text = self.text.pair_inputs(hist, items)
+        return batch
+
+    def histories(self, rows: Tensor) -> Batch:
+        """The user side of interaction rows, without their item: user features, unknown context (code 0) and
+        the history strictly before each row (what a next-item model reads to predict the row's item)."""
+        users = self.user[rows]
+        batch = Batch()
+        self.users.into(batch, users)
+        for name in self.row_sparse:
+            batch.sparse[name] = torch.zeros_like(users)
+        self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         return batch
 
     def with_negatives(self, rows: Tensor, negative_codes: Tensor) -> Batch:

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from recsys_lab.data.batch import Batch
+from recsys_lab.data.batch import Batch, PositionTargets, Seq
 from recsys_lab.data.prepare import STAGES
 from recsys_lab.data.queries import QuerySet
-from recsys_lab.data.sampling import TrainingNegatives
-from recsys_lab.data.store import FeatureStore
+from recsys_lab.data.ragged import Ragged
+from recsys_lab.data.sampling import TrainingNegatives, UniformNegatives
+from recsys_lab.data.store import FeatureStore, history_feature
 
 EVALUATIONS = ("impressions", "ranking")
 
@@ -59,6 +60,7 @@ class ViewData:
         negatives: sampled training negatives (implicit data), or None to train on the logged labels.
         ctr_eval: how CTR objectives are evaluated on this data: "impressions" or "ranking".
         oracle: float32 [R], the true click probability of every row (simulated data), else None.
+        seed: the data seed (for samplers a view creates itself).
     """
 
     store: FeatureStore
@@ -67,6 +69,7 @@ class ViewData:
     negatives: TrainingNegatives | None
     ctr_eval: str
     oracle: Tensor | None = None
+    seed: int = 0
 
 
 class PairBuilder:
@@ -218,3 +221,112 @@ class RetrievalView(View):
         rows = self.data.rows["train"]
         positives = rows[self.store.positive[rows]]
         return Rows(len(positives), lambda i: self.store.impressions(positives[i]))
+
+
+class SequenceView(View):
+    """Next-item training on whole sequences (SASRec's recipe): one training row per user.
+
+    A row is the user's training positives in time order — the last `data.history_len` of them — as
+    `batch.seq["hist_item_id"]` (item codes, lengths, timestamps), with `batch.targets["next_item"]` holding the
+    item that follows each position (`ids[t]` = the item at t + 1; the last real position has no successor
+    and is not supervised). Every position is supervised at once under a causal mask, so one pass over the
+    users is one epoch. Users with fewer than two training positives have nothing to predict and are left out.
+    User features ride along; context features are unknown (code 0), as for ranking queries. Evaluation ranks
+    the catalogue from the user's history as of the period's start (the query batches of every ranking view).
+    """
+
+    evaluation = "ranking"
+
+    def __init__(self, data: ViewData) -> None:
+        super().__init__(data)
+        train = self.store.timelines[0]
+        everyone = torch.arange(train.n_rows)
+        self.users = everyone[train.lengths(everyone) >= 2]  # (U,) entities with something to predict
+
+    def train_dataset(self) -> Dataset:
+        return Rows(len(self.users), lambda i: self.sequences(self.users[i]))
+
+    def sequences(self, users: Tensor) -> Batch:
+        """The training sequences of user entities [B] and their next-item targets."""
+        store, L = self.store, self.store.history_len
+        timeline, times = store.timelines[0], Ragged(store.timeline_times[0], store.timelines[0].offsets)
+        items = timeline.gather(users, max_len=L)  # (B, L) entities, oldest first
+        batch = Batch()
+        store.users.into(batch, users)
+        for name in store.row_sparse:
+            batch.sparse[name] = torch.zeros_like(users)
+        ids = store.item_codes(items.ids)  # (B, L) codes; padding reads entity 0 and stays masked
+        batch.seq[history_feature(store.item_key)] = Seq(
+            ids, items.lengths, times.gather(users, max_len=L).ids
+        )
+        for column in store.history_features:
+            batch.seq[history_feature(column)] = Seq(store.items.sparse[column][items.ids], items.lengths)
+        following = torch.cat([ids[:, 1:], ids.new_zeros(len(users), 1)], dim=1)  # (B, L): item at t + 1
+        supervised = torch.arange(L).unsqueeze(0) < (items.lengths - 1).unsqueeze(1)  # (B, L)
+        batch.targets["next_item"] = PositionTargets(following * supervised, supervised)
+        return batch
+
+
+class PrefixSequenceView(SequenceView):
+    """The one-row-per-prefix augmentation of GRU4Rec / RecBole: a training row per training positive that has
+    a predecessor, holding the history before it (the last `history_len` items) and, as its only supervised
+    target, that positive at the history's last position. Same targets as `SequenceView`, many more rows."""
+
+    def train_dataset(self) -> Dataset:
+        store = self.store
+        rows = self.data.rows["train"]
+        rows = rows[store.positive[rows] & (store.n_prior[rows] >= 1)]
+        return Rows(len(rows), lambda i: self.prefixes(rows[i]))
+
+    def prefixes(self, rows: Tensor) -> Batch:
+        batch = self.store.histories(rows)  # the row's item is the target: it is not among the inputs
+        hist = batch.seq[history_feature(self.store.item_key)]
+        last = (hist.lengths - 1).unsqueeze(1)  # (B, 1)
+        positions = torch.arange(hist.ids.shape[1]).unsqueeze(0)  # (1, L)
+        supervised = positions == last  # (B, L): only the prediction after the whole history
+        target = self.store.item_codes(self.store.item[rows]).unsqueeze(1)  # (B, 1)
+        batch.targets["next_item"] = PositionTargets(target * supervised, supervised)
+        return batch
+
+
+class PairwiseView(View):
+    """Pairwise (BPR) training: each positive training interaction with sampled negatives (never one of the
+    user's training positives) as `batch.targets["negative_item"]` (item codes [B, n], all supervised).
+
+    The negatives are `data.train_negatives`; where the data config has none (an impression log, whose CTR
+    models train on the logged labels), one uniform negative per positive, as BPR does, seeded with the data
+    seed and stated in the protocol. Evaluation ranks the catalogue.
+    """
+
+    evaluation = "ranking"
+
+    def __init__(self, data: ViewData) -> None:
+        super().__init__(data)
+        self.negatives = data.negatives
+        if self.negatives is None:
+            pairs = self.store.train_pairs()  # (P, 2) user codes, item codes -> the user entities are needed
+            train = ((self.store.split == 0) & self.store.positive).nonzero().squeeze(1)
+            self.negatives = TrainingNegatives(
+                UniformNegatives(n=1),
+                self.store.user[train],
+                pairs[:, 1],
+                self.store.num_item_codes,
+                self.store.item_counts,
+                data.seed,
+            )
+
+    def describe(self) -> dict:
+        return {**super().describe(), "pairwise_negatives": self.negatives.describe()}
+
+    def train_dataset(self) -> Dataset:
+        rows, store, negatives = self.data.rows["train"], self.store, self.negatives
+        positives = rows[store.positive[rows]]
+
+        def gather(i: Tensor) -> Batch:
+            chosen = positives[i]
+            batch = store.impressions(chosen)
+            codes = negatives.sample(store.user[chosen])  # (B, n)
+            batch.targets["negative_item"] = PositionTargets(codes, torch.ones_like(codes, dtype=torch.bool))
+            return batch
+
+        return Rows(len(positives), gather)

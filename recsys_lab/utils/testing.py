@@ -26,7 +26,15 @@ def tiny_schema(num_users: int = 13, num_items: int = 17, history_len: int = 5) 
         Feature("hist_cat", "seq", "user", vocab_size=3, max_len=history_len, embed_as="cat"),
     ]
     counts = torch.arange(num_items, dtype=torch.float32)  # item 0 never seen: exercises smoothing
-    return Schema(features=features, labels=["click", "purchase"], item_counts=counts)
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.stack(  # training (user code, item code) pairs, codes >= 1 as a vocabulary gives them
+        [
+            torch.randint(1, num_users, (3 * num_users,), generator=g),
+            torch.randint(1, num_items, (3 * num_users,), generator=g),
+        ],
+        dim=1,
+    )
+    return Schema(features=features, labels=["click", "purchase"], item_counts=counts, train_pairs=pairs)
 
 
 def random_batch(schema: Schema, batch_size: int = 6, seed: int = 0) -> Batch:
@@ -66,3 +74,36 @@ class KillAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MeanSequenceModel(torch.nn.Module):
+    """A minimal sequence model for testing the next-item and masked-item tasks: the hidden state at position
+    t is the mean of the item embeddings at positions <= t (causal), or of every real position when
+    `bidirectional` (with a [MASK] code `mask_id` = V)."""
+
+    def __init__(self, schema: Schema, dim: int = 8, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.items = torch.nn.Embedding(schema.num_items + 1, dim)  # + [MASK]
+        self.mask_id, self.bidirectional = schema.num_items, bidirectional
+
+    def encode_sequence(self, batch: Batch) -> torch.Tensor:
+        seq = batch.seq["hist_item_id"]
+        x = self.items(seq.ids) * seq.mask().unsqueeze(-1)  # (B, L, D)
+        if self.bidirectional:
+            return (x.sum(1, keepdim=True) / seq.lengths.clamp(min=1).view(-1, 1, 1)).expand_as(x)
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device).view(1, -1, 1)
+        return x.cumsum(1) / steps  # (B, L, D)
+
+    def item_table(self) -> torch.Tensor:
+        return self.items.weight[: self.mask_id]  # (V, D)
+
+    def encode_query(self, batch: Batch) -> torch.Tensor:
+        hidden = self.encode_sequence(batch)
+        last = (batch.seq["hist_item_id"].lengths - 1).clamp(min=0)
+        return hidden[torch.arange(len(last)), last]  # (B, D)
+
+    def encode_item(self, batch: Batch) -> torch.Tensor:
+        return self.item_table()[batch.sparse["item_id"]]
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return (self.encode_query(batch) * self.encode_item(batch)).sum(-1)

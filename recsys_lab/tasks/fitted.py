@@ -1,0 +1,53 @@
+"""Models fitted in closed form when they are built (EASE): no gradient steps, the same entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.schema import Schema
+from recsys_lab.data.views import RetrievalView
+from recsys_lab.tasks.base import RecTask
+from recsys_lab.tasks.ranking import has_encoders
+
+
+class FittedTask(RecTask):
+    """Evaluates a model that fitted itself on the training split in its constructor (from
+    `schema.train_pairs`), so `python train.py model=ease` needs no epochs: the single training epoch takes no
+    optimizer step and stops; validation, checkpointing and testing run as for every model.
+
+    Args:
+        net, schema, ks: see `RecTask`; the net exposes `encode_query` / `encode_item`.
+        optimizer: unused (fitted models have no trainable parameters); kept for the shared config shape.
+    """
+
+    view = RetrievalView
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schema: Schema,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        ks: Sequence[int] = (10, 20, 50),
+    ) -> None:
+        super().__init__(net, schema, optimizer, scheduler, ks)
+        if not has_encoders(net):
+            raise TypeError(
+                f"FittedTask needs encode_query() and encode_item(); {type(net).__name__} has not"
+            )
+        self.automatic_optimization = False  # nothing to optimise: the fit happened in the constructor
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        return None
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> int:
+        return -1  # skip the rest of the epoch: there is nothing to learn from the batches
+
+    def on_train_epoch_end(self) -> None:
+        self.trainer.should_stop = True  # one (empty) epoch, then validation, checkpoint and test
