@@ -6,6 +6,8 @@ Run from the repository root (after `pip install -e .`):
     python scripts/benchmark.py --models din --train-batches 100 --out bench.json
     python scripts/benchmark.py trainer=gpu                          # one GPU, bf16-mixed as in conf/trainer/gpu.yaml
     python scripts/benchmark.py data.batch_size=4096 --threads 4     # any override of conf/train.yaml
+    python scripts/benchmark.py --fit --models sasrec gru4rec --time-to val/ndcg@10=0.05 \
+        data=movielens data.path=../shared/data/ml-100k protocol=recbole_sequential   # time to quality
 
 Each model's config is composed as `train.py` composes it (`model=<name>` followed by the overrides) and
 `recsys_lab.train.build` returns the prepared DataModule and task. Every measurement first runs `--warmup`
@@ -23,6 +25,10 @@ batches, then times the next N batches only. The numbers:
   per row. A retrieval model scores each query against the whole catalogue (queries x items per second,
   with masking and top-k included); the catalogue is encoded once before timing, as it is once per
   evaluation epoch.
+
+With `--fit` each model is instead trained as `train.py` trains it (early stopping, best checkpoint tested)
+and the report is time to quality: seconds of training per epoch, training samples/s, seconds until the
+validation metric first reaches each `--time-to` value and until the best epoch, and the test metrics.
 
 Small splits (the retrieval view trains on positives only) are cycled through, so N may exceed one epoch.
 On CUDA the device is synchronised before every timer read. The machine's load average is reported with
@@ -279,6 +285,68 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fit_model(model: str, overrides: list[str], time_to: dict[str, float]) -> dict[str, Any]:
+    """Train one model as train.py does (into logs/benchmark/<model>-<time>) and report its time to quality."""
+    from recsys_lab.train import train
+
+    cfg = compose_config(model, ["logger=none", "trainer.enable_progress_bar=false", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(REPO / "logs" / "benchmark" / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.time_to = dict(time_to)
+    results = train(cfg)
+    timing, training = results["timing"], results["training"]
+    per_epoch = timing.get("seconds_per_epoch")
+    return {
+        "model": model,
+        "seconds_per_epoch": per_epoch,
+        "train_samples_per_s": training["train_examples"] / per_epoch if per_epoch else None,
+        **timing,
+        "metrics": results["metrics"],
+        "protocol": {k: results["protocol"].get(k) for k in ("split", "eval_candidates", "protocol_preset")},
+    }
+
+
+def fit_markdown(results: list[dict[str, Any]], time_to: dict[str, float]) -> str:
+    targets = [f"seconds_to_{m}>={v}" for m, v in time_to.items()]
+    head = [
+        "model",
+        "s/epoch",
+        "samples/s",
+        *[f"s to {t.removeprefix('seconds_to_')}" for t in targets],
+        "s to best",
+        "epochs",
+        "test recall@10",
+        "test ndcg@10",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v: Any) -> str:
+        return (
+            "—"
+            if v is None
+            else f"{v:,.1f}"
+            if isinstance(v, float) and v >= 1
+            else f"{v:.4f}"
+            if isinstance(v, float)
+            else str(v)
+        )
+
+    for r in results:
+        m = r["metrics"]
+        row = [
+            r["model"],
+            fmt(r["seconds_per_epoch"]),
+            fmt(r["train_samples_per_s"]),
+            *[fmt(r.get(t)) for t in targets],
+            fmt(r.get("seconds_to_best")),
+            fmt(r.get("epochs")),
+            fmt(m.get("test/recall@10")),
+            fmt(m.get("test/ndcg@10")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -294,8 +362,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--fit", action="store_true", help="train each model fully: time to quality")
+    parser.add_argument(
+        "--time-to",
+        nargs="*",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="with --fit: report the seconds until each validation metric first reaches its value",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml, e.g. trainer=gpu")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--time-to X` is read here: argparse mixes repeated optionals with the trailing positional overrides
+    time_to = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--time-to"]
+    argv = [a for i, a in enumerate(argv) if a != "--time-to" and (i == 0 or argv[i - 1] != "--time-to")]
     args = parser.parse_args(argv)
+    args.time_to = time_to
     # `--models din trainer=gpu`: nargs="+" takes the override too; hand it back
     overrides = [m for m in args.models if "=" in m] + args.overrides
     args.models = [m for m in args.models if "=" not in m]
@@ -317,8 +398,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     env = environment()
-    results = [benchmark_model(model, overrides, args) for model in args.models]
-    print(markdown(results, env))
+    if args.fit:
+        time_to = {}
+        for item in args.time_to:
+            metric, _, value = item.partition("=")
+            try:
+                time_to[metric] = float(value)
+            except ValueError:
+                raise SystemExit(f"--time-to {item}: expected METRIC=VALUE, e.g. val/ndcg@10=0.05") from None
+        results = [fit_model(model, overrides, time_to) for model in args.models]
+        print(fit_markdown(results, time_to))
+    else:
+        results = [benchmark_model(model, overrides, args) for model in args.models]
+        print(markdown(results, env))
     report = {"environment": env, "overrides": overrides, "results": results}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,3 +35,27 @@ def test_benchmark_reports_positive_rates(tmp_path, capsys):
     assert 100 < saved["results"][1]["catalogue_items"] <= 201
     printed = capsys.readouterr().out
     assert "| din | 256 / 512 |" in printed and "| two_tower | 256 / 512 |" in printed
+
+
+def test_fit_mode_reports_time_to_quality(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scripts.benchmark.REPO", tmp_path)  # its run directories go under tmp_path/logs
+    argv = [
+        "--fit",
+        "--models",
+        "two_tower",
+        "--time-to",
+        "val/recall@50=0.0",
+        "--time-to",
+        "val/ndcg@10=2.0",
+    ]
+    argv += [*SMALL_DATA, "trainer.max_epochs=2", f"paths.data_dir={tmp_path / 'data'}"]
+    (row,) = main(argv)["results"]
+    assert row["model"] == "two_tower" and row["epochs"] == 2
+    assert row["seconds_per_epoch"] > 0 and row["train_samples_per_s"] > 0
+    assert 0 < row["seconds_to_val/recall@50>=0.0"] <= row["fit_seconds"]
+    assert row["seconds_to_val/ndcg@10>=2.0"] is None
+    assert 0 <= row["metrics"]["test/recall@10"] <= row["metrics"]["test/recall@50"]
+    printed = capsys.readouterr().out
+    assert "| model | s/epoch | samples/s | s to val/recall@50>=0.0 | s to val/ndcg@10>=2.0 |" in printed
+    assert "| two_tower |" in printed and "| — |" in printed  # the value never reached
+    assert list((tmp_path / "logs" / "benchmark").glob("two_tower-*/results.json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,86 @@ class RunCheckpoint(ModelCheckpoint):
             self.best_k_models = best
             self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
             self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+    def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
+        # Lightning never saves at global step 0 ("no steps, nothing new"). A model fitted in its constructor
+        # (FittedTask: `takes_no_steps`) stays at step 0 for good, so its one validated state is saved once.
+        if trainer.global_step == 0 and getattr(trainer.lightning_module, "takes_no_steps", False):
+            from pytorch_lightning.trainer.states import TrainerFn
+
+            return (
+                bool(trainer.fast_dev_run)
+                or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking
+                or bool(self.best_model_path)  # saved already
+            )
+        return super()._should_skip_saving_checkpoint(trainer)
+
+
+class TrainingClock(pl.Callback):
+    """Wall-clock of a fit: seconds of training per epoch (validation excluded), the validation metrics after
+    each epoch with the time they were reached, and from those the seconds to the best epoch and to a target
+    value — the time-to-quality figures of the README, written into `results.json` as `timing`."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self._start = self._epoch_start = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_seconds = None
+
+    def _close_training(self) -> None:
+        if self._epoch_start is not None and self._train_seconds is None:
+            self._train_seconds = time.perf_counter() - self._epoch_start
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._close_training()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._start is None:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        elapsed = time.perf_counter() - self._start
+        self.epochs.append(
+            {
+                "epoch": trainer.current_epoch,
+                "train_seconds": self._train_seconds or 0.0,
+                "elapsed": elapsed,
+                **metrics,
+            }
+        )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close_training()
+        if not self.epochs or self.epochs[-1]["epoch"] != trainer.current_epoch:  # no validation this epoch
+            elapsed = time.perf_counter() - self._start
+            self.epochs.append(
+                {"epoch": trainer.current_epoch, "train_seconds": self._train_seconds, "elapsed": elapsed}
+            )
+
+    def summary(
+        self, monitor: str, mode: str = "max", target: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """seconds_per_epoch, epochs, best_epoch and seconds_to_best (by `monitor`), and for each
+        `{metric: value}` in `target` the seconds until the validation metric first reached the value."""
+        if not self.epochs:
+            return {}
+        train = [e["train_seconds"] for e in self.epochs if e.get("train_seconds")]
+        out: dict[str, Any] = {
+            "epochs": len(self.epochs),
+            "seconds_per_epoch": sum(train) / len(train) if train else None,
+            "fit_seconds": self.epochs[-1]["elapsed"],
+        }
+        scored = [e for e in self.epochs if monitor in e]
+        if scored:
+            best = (max if mode == "max" else min)(scored, key=lambda e: e[monitor])
+            out.update(best_epoch=best["epoch"], seconds_to_best=best["elapsed"])
+        for metric, value in (target or {}).items():
+            reached = [e for e in self.epochs if metric in e and e[metric] >= value]
+            out[f"seconds_to_{metric}>={value}"] = reached[0]["elapsed"] if reached else None
+        return out
