@@ -138,3 +138,19 @@ def test_masked_item_task_masks_real_positions_only(dm):
     assert torch.equal(batch.seq["hist_item_id"].ids, seq.ids)  # the input batch is not modified
     with pytest.raises(ValueError, match=r"model\.mask_ratio=1\.5"):
         _task(dm, MaskedItemTask, mask_ratio=1.5)
+
+
+def test_histories_carry_their_timestamps(dm, ref):
+    """Every history (training rows, ranking queries) carries the timestamps of its items, so a model using
+    time (HSTU) reads the same kind of input in training and evaluation."""
+    queries = dm.queries["test"]
+    batch = dm.store.query_batch(queries.eval_targets(torch.arange(len(queries))), level=1)
+    hist = batch.seq["hist_item_id"]
+    for b, u in enumerate(queries.users.tolist()):
+        past = [t for t, _ in ref.clicks[u] if t < ref.t_test][-L:]
+        assert hist.times[b, : hist.lengths[b]].tolist() == past
+    rows = dm.rows["val"][:50]
+    seq = dm.store.impressions(rows).seq["hist_item_id"]
+    for b, r in enumerate(rows.tolist()):
+        past = [t for t, _ in ref.clicks[int(ref.user[r])] if t < ref.ts[r]][-L:]
+        assert seq.times[b, : seq.lengths[b]].tolist() == past

@@ -275,13 +275,17 @@ class FeatureStore:
     def _history_part(self, batch: Batch, users: Tensor, level: Tensor, n_prior: Tensor) -> Seq:
         """Item-entity history of each row (its timeline level, `n_prior` entries), as codes and features."""
         L = self.history_len
-        hist = Seq(torch.zeros(len(users), L, dtype=torch.long, device=users.device), torch.zeros_like(users))
+        zeros = torch.zeros(len(users), L, dtype=torch.long, device=users.device)
+        hist = Seq(zeros, torch.zeros_like(users), zeros.clone())  # item entities, lengths, timestamps
         for lvl in torch.unique(level).tolist():
             at = (level == lvl).nonzero().squeeze(1)
             part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=L)
+            clock = Ragged(self.timeline_times[lvl], self.timelines[lvl].offsets)  # the entries' timestamps
             hist.ids[at], hist.lengths[at] = part.ids, part.lengths
+            hist.times[at] = clock.gather(users[at], ends=n_prior[at], max_len=L).ids
         # entities -> codes and item features (padded positions read entity 0 and stay masked by lengths)
-        for column in [self.item_key, *self.history_features]:
+        batch.seq[history_feature(self.item_key)] = Seq(self.item_codes(hist.ids), hist.lengths, hist.times)
+        for column in self.history_features:
             batch.seq[history_feature(column)] = Seq(self.items.sparse[column][hist.ids], hist.lengths)
         return hist
 
