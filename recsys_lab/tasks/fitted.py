@@ -16,7 +16,8 @@ from recsys_lab.tasks.ranking import has_encoders
 class FittedTask(RecTask):
     """Evaluates a model that fitted itself on the training split in its constructor (from
     `schema.train_pairs`), so `python train.py model=ease` needs no epochs: the single training epoch takes no
-    optimizer step and stops; validation, checkpointing and testing run as for every model.
+    optimizer step (one batch, ignored) and stops; validation, checkpointing and testing run as for every
+    model.
 
     Args:
         net, schema, ks: see `RecTask`; the net exposes `encode_query` / `encode_item`.
@@ -46,8 +47,12 @@ class FittedTask(RecTask):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         return None
 
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> int:
-        return -1  # skip the rest of the epoch: there is nothing to learn from the batches
+    takes_no_steps = True  # RunCheckpoint saves the fitted model at global step 0
+
+    def on_fit_start(self) -> None:
+        # One training batch, read before the loop counts the epoch's batches: the epoch ends after it, so
+        # validation, early stopping and the checkpoint run as for every model, without a pass over the data.
+        self.trainer.limit_train_batches = 1
 
     def on_train_epoch_end(self) -> None:
-        self.trainer.should_stop = True  # one (empty) epoch, then validation, checkpoint and test
+        self.trainer.should_stop = True  # one epoch: a second would validate the same model again
