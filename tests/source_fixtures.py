@@ -245,3 +245,55 @@ def random_tabular(path: Path, rng: np.random.Generator) -> Path:
     ]
     pl.DataFrame(rows, schema=["uid", "sku", "when", "category", "title"], orient="row").write_csv(path)
     return path
+
+
+# ML-1M's occupation codes 0..20 and age-group codes (its README); the generator draws from them.
+ML1M_AGES = (1, 18, 25, 35, 45, 50, 56)
+ML1M_GENRES = (
+    "Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy Film-Noir Horror Musical "
+    "Mystery Romance Sci-Fi Thriller War Western"
+).split()
+
+
+def random_ml1m(
+    folder: Path, rng: np.random.Generator, users: int = 80, items: int = 200, per_user: int = 25
+) -> Path:
+    """GroupLens ML-1M files in their real format, generated: `ratings.dat`
+    (`UserID::MovieID::Rating::Timestamp`, sorted by user then time as GroupLens ships it, with runs of equal
+    timestamps as in the real file), `movies.dat` (latin-1 `MovieID::Title (Year)::Genre|Genre`, an accented
+    title, movie ids with gaps and a movie nobody rated) and `users.dat`
+    (`UserID::Gender::Age::Occupation::Zip-code`).
+
+    The defaults (80 users x 25 ratings over 200 movies) leave most movies enough raters for a 5-core and
+    every user more than 100 unrated movies after it, so the sampled protocols (99 or 100 negatives per test
+    item) can draw.
+    """
+    folder.mkdir(parents=True)
+    movie_ids = np.arange(1, items + 1) * 2 + 1  # odd ids: ML-1M's ids have gaps too
+    # popular movies get more ratings (Zipf-like weights), as in the real file
+    weights = 1.0 / np.arange(1, items + 1) ** 0.5
+    weights /= weights.sum()
+    lines = []
+    for u in range(1, users + 1):
+        chosen = rng.choice(movie_ids, size=per_user, replace=False, p=weights)
+        start = 956_703_932 + 86_400 * int(rng.integers(0, 1000))
+        # several ratings in the same second (ML-1M users rate in bursts): ties broken by file order
+        times = start + np.sort(rng.integers(0, per_user, size=per_user)) * 60
+        stars = rng.integers(1, 6, size=per_user)
+        lines += [f"{u}::{m}::{s}::{t}" for m, s, t in zip(chosen, stars, times, strict=True)]
+    (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
+    movies = []
+    for i, m in enumerate(movie_ids):
+        genres = "|".join(ML1M_GENRES[j % len(ML1M_GENRES)] for j in (i, i + 3))
+        title = "Misérables, Les" if i == 0 else f"Movie {m}"
+        movies.append(f"{m}::{title} ({1950 + i % 50})::{genres}")
+    movies.append(f"{2 * items + 3}::Never Rated (1999)::Drama")
+    (folder / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
+    (folder / "users.dat").write_text(
+        "\n".join(
+            f"{u}::{'MF'[u % 2]}::{ML1M_AGES[u % len(ML1M_AGES)]}::{u % 21}::{10000 + 37 * u}"
+            for u in range(1, users + 1)
+        )
+        + "\n"
+    )
+    return folder

@@ -66,6 +66,8 @@ def test_full_ranking_hand_computed() -> None:
     q1_ndcg3 = _disc(1) / (_disc(1) + _disc(2))
     # q2: #rel = 5, every relevant item is -inf: 0 everywhere (the two -inf items topk returns are not hits),
     #   mrr 0.
+    # precision@k = hits in the top k / k: q0 has 0 and 2 hits, q1 1 and 1, q2 none.
+    # mrr@k: q0's best relevant item is at rank 2 (past k = 1, within k = 3), q1's at rank 1.
     expected = {
         "recall@1": (0 + 1 / 2 + 0) / 3,  # 1/6
         "recall@3": (2 / 3 + 1 / 2 + 0) / 3,  # 7/18
@@ -73,6 +75,10 @@ def test_full_ranking_hand_computed() -> None:
         "hit@3": (1 + 1 + 0) / 3,  # 2/3
         "ndcg@1": (0 + 1 + 0) / 3,  # 1/3
         "ndcg@3": (q0_ndcg3 + q1_ndcg3 + 0) / 3,  # (0.5307 + 0.6131) / 3 = 0.3813
+        "precision@1": (0 + 1 + 0) / 3,  # 1/3
+        "precision@3": (2 / 3 + 1 / 3 + 0) / 3,  # 1/3
+        "mrr@1": (0 + 1 + 0) / 3,  # 1/3
+        "mrr@3": (1 / 2 + 1 + 0) / 3,  # 1/2
         "mrr": (1 / 2 + 1 + 0) / 3,  # 1/2
     }
     assert set(out) == set(expected)
@@ -93,7 +99,12 @@ def test_full_ranking_mrr_ties_are_random_and_untruncated() -> None:
     assert out["recall@2"].item() == pytest.approx(1 / 2, abs=1e-7)
     assert out["hit@2"].item() == pytest.approx(1 / 2, abs=1e-7)
     assert out["ndcg@2"].item() == pytest.approx(_disc(2) / 2, abs=1e-7)
-    assert set(out) == {"recall@1", "ndcg@1", "hit@1", "recall@2", "ndcg@2", "hit@2", "mrr"}
+    # Truncated at k: rank 2 counts 1/2 for mrr@2 (half of the time), rank 3 never does.
+    assert out["mrr@1"].item() == 0.0
+    assert out["mrr@2"].item() == pytest.approx(1 / 4, abs=1e-7)
+    assert out["precision@2"].item() == pytest.approx(1 / 4, abs=1e-7)  # 1/2 expected hits over 2 slots
+    families = ("recall", "ndcg", "hit", "precision", "mrr")
+    assert set(out) == {f"{m}@{k}" for m in families for k in (1, 2)} | {"mrr"}
 
 
 def test_full_ranking_tie_group_hand_computed() -> None:
@@ -110,11 +121,52 @@ def test_full_ranking_tie_group_hand_computed() -> None:
     assert out["ndcg@2"].item() == pytest.approx((2 * _disc(2) / 4) / (_disc(1) + _disc(2)), abs=1e-7)
     # Best rank 1 + X, X = min of 2 positions out of 4: P(X = 1, 2, 3) = 3/6, 2/6, 1/6 -> 1/4 + 1/9 + 1/24.
     assert out["mrr"].item() == pytest.approx(29 / 72, abs=1e-7)
+    # mrr@2 keeps only rank 2 (X = 1): 3/6 * 1/2; precision@2 = 2 * (1/4) expected hits / 2.
+    assert out["mrr@2"].item() == pytest.approx(1 / 4, abs=1e-7)
+    assert out["precision@2"].item() == pytest.approx(1 / 4, abs=1e-7)
+
+
+def test_truncated_mrr_and_precision_by_hand() -> None:
+    F, T = False, True
+    scores = torch.tensor(
+        [
+            # q0: relevant items at ranks 3 and 5 (no ties): mrr@2 = 0, mrr@3 = mrr@5 = 1/3.
+            [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+            # q1: items 0..2 tie at the top, one of them relevant (a = 0, t = 3, r = 1): rank uniform on 1..3.
+            [0.5, 0.5, 0.5, 0.1, 0.0, -1.0],
+            # q2: two relevant items among 4 tied behind one item (a = 1, t = 4, r = 2): best rank 1 + X with
+            #     P(X = 1, 2, 3) = 1/2, 1/3, 1/6.
+            [1.0, 0.0, 0.0, 0.0, 0.0, -1.0],
+        ]
+    )
+    target = torch.tensor(
+        [
+            [F, F, T, F, T, F],
+            [F, T, F, F, F, F],
+            [F, T, F, F, T, F],
+        ]
+    )
+    metric = FullRankingMetrics(ks=(2, 3, 5))
+    metric.update(scores, target)
+    out = {key: value.item() for key, value in metric.compute().items()}
+    q1 = {2: (1 + 1 / 2) / 3, 3: (1 + 1 / 2 + 1 / 3) / 3, 5: (1 + 1 / 2 + 1 / 3) / 3}
+    q2 = {2: (1 / 2) / 2, 3: (1 / 2) / 2 + (1 / 3) / 3, 5: (1 / 2) / 2 + (1 / 3) / 3 + (1 / 6) / 4}
+    q0 = {2: 0.0, 3: 1 / 3, 5: 1 / 3}
+    for k in (2, 3, 5):
+        assert out[f"mrr@{k}"] == pytest.approx((q0[k] + q1[k] + q2[k]) / 3, abs=1e-7), k
+    # precision@k = E[#relevant in the top k] / k.
+    #   q0: 0, 1, 2 hits at k = 2, 3, 5; q1: 2/3, 1, 1; q2: 1/4, 2/4, 2 (the group is 4 wide from rank 2).
+    hits = {2: 0 + 2 / 3 + 2 * (1 / 4), 3: 1 + 1 + 2 * (2 / 4), 5: 2 + 1 + 2}
+    for k in (2, 3, 5):
+        assert out[f"precision@{k}"] == pytest.approx(hits[k] / k / 3, abs=1e-7), k
+    # Without truncation the means agree with the untruncated MRR once k reaches every best rank (here 5).
+    assert out["mrr@5"] == pytest.approx(out["mrr"], abs=1e-7)
 
 
 def _metrics_of_order(ranked_hits: list[bool], n_rel: int, ks: tuple[int, ...]) -> dict[str, float]:
     """Per-query metrics of one complete ranking, given as a hit flag per position."""
     out: dict[str, float] = {}
+    first = next((p for p, hit in enumerate(ranked_hits) if hit), None)
     for k in ks:
         top = ranked_hits[:k]
         out[f"recall@{k}"] = sum(top) / n_rel
@@ -122,7 +174,8 @@ def _metrics_of_order(ranked_hits: list[bool], n_rel: int, ks: tuple[int, ...]) 
         dcg = sum(_disc(p + 1) for p, hit in enumerate(top) if hit)
         idcg = sum(_disc(p + 1) for p in range(min(n_rel, k)))
         out[f"ndcg@{k}"] = dcg / idcg
-    first = next((p for p, hit in enumerate(ranked_hits) if hit), None)
+        out[f"precision@{k}"] = sum(top) / min(k, len(ranked_hits))  # k past the catalogue is clamped
+        out[f"mrr@{k}"] = 0.0 if first is None or first >= k else 1.0 / (first + 1)
     out["mrr"] = 0.0 if first is None else 1.0 / (first + 1)
     return out
 
@@ -130,7 +183,9 @@ def _metrics_of_order(ranked_hits: list[bool], n_rel: int, ks: tuple[int, ...]) 
 def _reference_ranking(scores: Tensor, target: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     """Brute force: every metric averaged over all orders that sort the scores (ties permuted every way, each
     order equally likely), then over queries. -inf items are never hits. Untied rows have one order only."""
-    sums: dict[str, float] = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg", "hit")}
+    sums: dict[str, float] = {
+        f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg", "hit", "precision", "mrr")
+    }
     sums["mrr"] = 0.0
     for row_scores, row_target in zip(scores.tolist(), target.tolist(), strict=True):
         # -inf items are never hits, so the order inside the masked block changes nothing: keep it fixed.
@@ -244,13 +299,15 @@ def test_full_ranking_large_tie_groups_match_exact_formulas(monkeypatch: pytest.
     scores = torch.stack([torch.cat([row, torch.full((n - len(row),), NEG_INF)]) for row in rows])  # (Q, n)
     target = torch.stack([torch.cat([tg, torch.zeros(n - len(tg), dtype=torch.bool)]) for tg in targets])
 
-    def exact(a: int, t: int, r: int) -> tuple[Fraction, Fraction, Fraction]:
-        """mrr, hit@k and recall@k as exact fractions."""
+    def exact(a: int, t: int, r: int) -> tuple[Fraction, Fraction, Fraction, Fraction]:
+        """mrr, hit@k, recall@k and mrr@k as exact fractions."""
         # Best rank a + X, P(X = x) = C(t - x, r - 1) / C(t, r).
-        mrr = sum(Fraction(comb(t - x, r - 1), comb(t, r)) / (a + x) for x in range(1, t - r + 2))
+        law = {x: Fraction(comb(t - x, r - 1), comb(t, r)) for x in range(1, t - r + 2)}
+        mrr = sum(p / (a + x) for x, p in law.items())
+        mrr_at_k = sum(p / (a + x) for x, p in law.items() if a + x <= k)
         m = max(0, min(k - a, t))  # top-k slots left to the block
         hit = 1 - Fraction(comb(t - r, m), comb(t, m))
-        return mrr, hit, Fraction(m, t)
+        return mrr, hit, Fraction(m, t), mrr_at_k
 
     for chunk in (1 << 20, 7):  # the MRR sum over positions, in one chunk and in many
         monkeypatch.setattr(ranking_module, "_RAGGED_CHUNK", chunk)
@@ -258,10 +315,13 @@ def test_full_ranking_large_tie_groups_match_exact_formulas(monkeypatch: pytest.
             metric = FullRankingMetrics(ks=(k,))
             metric.update(row_scores.unsqueeze(0), row_target.unsqueeze(0))
             out = metric.compute()
-            mrr, hit, recall = exact(*case)
+            mrr, hit, recall, mrr_at_k = exact(*case)
             assert out["mrr"].item() == pytest.approx(float(mrr), rel=1e-6), case
             assert out[f"hit@{k}"].item() == pytest.approx(float(hit), rel=1e-6), case
             assert out[f"recall@{k}"].item() == pytest.approx(float(recall), rel=1e-6), case
+            assert out[f"mrr@{k}"].item() == pytest.approx(float(mrr_at_k), rel=1e-6, abs=1e-12), case
+            # r relevant items share the block: recall@k = (m / t) r / r, precision@k = (m / t) r / k
+            assert out[f"precision@{k}"].item() == pytest.approx(float(recall * case[2] / k), rel=1e-6), case
         whole = FullRankingMetrics(ks=(k,))
         whole.update(scores, target)
         expected_mrr = sum(float(exact(*case)[0]) for case in cases) / len(cases)

@@ -16,6 +16,7 @@ from recsys_lab.data.splits import (
     PreSplit,
     RandomRatioSplit,
     TemporalSplit,
+    recbole_split_counts,
 )
 
 T, V, S = TRAIN, VAL, TEST  # short names for the literal expectations
@@ -116,6 +117,78 @@ def test_leave_one_out_matches_slow_reference(seed):
     assert LeaveOneOutSplit().assign(inter).tolist() == expected
 
 
+def test_leave_one_out_rows_holds_out_the_last_rows_whatever_their_label():
+    # row user ts positive
+    rows = [
+        (0, "A", 5, False),  # A in (time, row) order: row 3 (t1 +), row 1 (t3 -), row 0 (t5 -), row 2 (t5 +)
+        (1, "A", 3, False),  # -> the last row (row 2) tests, the second-to-last (row 0, a negative) validates
+        (2, "A", 5, True),
+        (3, "A", 1, True),
+        (4, "B", 2, False),  # B has 2 rows: with min_train_rows=1 its last row (row 4, a negative) tests
+        (5, "B", 1, True),
+        (6, "C", 9, True),  # C has 1 row: it trains
+        (7, "D", 1, True),  # D has 3 rows: 1 train + val + test (min_train_rows=1) or 2 train + test (=2)
+        (8, "D", 2, True),
+        (9, "D", 3, False),
+    ]
+    inter = pl.DataFrame(
+        {"user_id": [r[1] for r in rows], "timestamp": [r[2] for r in rows], "positive": [r[3] for r in rows]}
+    )
+    general = LeaveOneOutSplit(hold_out="rows").assign(inter)
+    assert general.tolist() == [V, T, S, T, S, T, T, T, V, S]
+    # RecBole's sequential datasets: the first row of a user is history only, so it never counts as held out
+    sequential = LeaveOneOutSplit(hold_out="rows", min_train_rows=2).assign(inter)
+    assert sequential.tolist() == [V, T, S, T, T, T, T, T, T, S]
+    # the positives rule on the same table: A's last positives are rows 3 and 2 only -> A stays in train
+    assert LeaveOneOutSplit().assign(inter).tolist() == [T] * 10
+
+
+def reference_loo_rows(users, ts, min_train_rows: int) -> list[int]:
+    """Slow per-user loop: sort by (time, row); the last rows are held out, test first."""
+    out = [TRAIN] * len(users)
+    for u in set(users):
+        rows = sorted((r for r in range(len(users)) if users[r] == u), key=lambda r: (ts[r], r))
+        held = max(0, min(2, len(rows) - min_train_rows))
+        if held >= 1:
+            out[rows[-1]] = TEST
+        if held == 2:
+            out[rows[-2]] = VAL
+    return out
+
+
+@pytest.mark.parametrize("min_train_rows", [1, 2, 3])
+def test_leave_one_out_rows_matches_slow_reference(min_train_rows):
+    rng = np.random.default_rng(min_train_rows)
+    n = 300
+    users, ts = rng.integers(0, 60, n), rng.integers(0, 20, n)  # short users and many ties
+    inter = pl.DataFrame({"user_id": users, "timestamp": ts, "positive": rng.random(n) < 0.5})
+    expected = reference_loo_rows(users.tolist(), ts.tolist(), min_train_rows)
+    split = LeaveOneOutSplit(hold_out="rows", min_train_rows=min_train_rows)
+    assert split.assign(inter).tolist() == expected
+
+
+def test_leave_one_out_describes_only_non_default_options():
+    # the default describes itself exactly as before, so existing caches keep their fingerprint
+    assert LeaveOneOutSplit().describe() == {"split": "leave_one_out"}
+    assert LeaveOneOutSplit(hold_out="rows", min_train_rows=2).describe() == {
+        "split": "leave_one_out",
+        "hold_out": "rows",
+        "min_train_rows": 2,
+    }
+    # hold_out=rows needs no `positive` column
+    codes = LeaveOneOutSplit(hold_out="rows").assign(pl.DataFrame({"user_id": [1, 1], "timestamp": [2, 1]}))
+    assert codes.tolist() == [S, T]
+
+
+def test_leave_one_out_rejects_bad_options():
+    with pytest.raises(ValueError, match="data.split.hold_out='last'"):
+        LeaveOneOutSplit(hold_out="last")
+    with pytest.raises(ValueError, match="data.split.min_train_rows=0"):
+        LeaveOneOutSplit(hold_out="rows", min_train_rows=0)
+    with pytest.raises(ValueError, match="applies to hold_out=rows only"):
+        LeaveOneOutSplit(min_train_rows=2)
+
+
 # --- random ratio -----------------------------------------------------------------------------------------------
 def random_toy(sizes: dict[str, int]) -> pl.DataFrame:
     users = [u for u, n in sizes.items() for _ in range(n)]
@@ -176,6 +249,52 @@ def test_random_ratio_rejects_bad_ratios():
         RandomRatioSplit(ratios=(0.9, 0.1))
     with pytest.raises(ValueError, match="positive train weight"):
         RandomRatioSplit(ratios=(0, 0.5, 0.5))
+    with pytest.raises(ValueError, match="data.split.group_by='item'"):
+        RandomRatioSplit(group_by="item")
+
+
+def test_recbole_split_counts_by_hand():
+    # int(0.1 n) for val and test, train the rest; test then val take a row when 0 < 0.1 n < 1 and train > 1
+    assert recbole_split_counts(10, (0.8, 0.1, 0.1)) == (8, 1, 1)
+    assert recbole_split_counts(23, (0.8, 0.1, 0.1)) == (19, 2, 2)  # int(2.3) = 2
+    assert recbole_split_counts(7, (0.8, 0.1, 0.1)) == (5, 1, 1)
+    assert recbole_split_counts(2, (0.8, 0.1, 0.1)) == (1, 0, 1)
+    assert recbole_split_counts(1, (0.8, 0.1, 0.1)) == (1, 0, 0)
+    # ml-100k cut at once (group_by none)
+    assert recbole_split_counts(100_000, (0.8, 0.1, 0.1)) == (80_000, 10_000, 10_000)
+    assert recbole_split_counts(10, (1, 0, 1)) == (5, 0, 5)  # weights normalised: 0.5 * 10
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1), (3, 1, 1), (0.6, 0.3, 0.1), (1, 0, 1)])
+def test_random_ratio_per_user_counts_equal_the_scalar_rule(ratios):
+    # every user size 1..60 once: the vectorised per-user counts are the scalar RecBole rule's
+    sizes = {f"u{n}": n for n in range(1, 61)}
+    inter = random_toy(sizes)
+    got = per_user_counts(inter, RandomRatioSplit(ratios=ratios, seed=1).assign(inter))
+    assert got == {u: list(recbole_split_counts(n, ratios)) for u, n in sizes.items()}
+
+
+def test_random_ratio_over_all_rows():
+    # 23 rows of 3 users cut once: 19 / 2 / 2 whatever the users (a user may have no training row)
+    users = ["a"] * 20 + ["b"] * 2 + ["c"]
+    inter = pl.DataFrame({"user_id": users, "item_id": np.arange(23)})
+    split = RandomRatioSplit(seed=5, group_by="none")
+    codes = split.assign(inter)
+    assert np.bincount(codes, minlength=3).tolist() == [19, 2, 2]
+    assert codes.dtype == np.int8
+    # the rows of the first 19 positions of numpy's permutation train, the next 2 validate, the last 2 test
+    key = np.random.default_rng(5).permutation(23)
+    assert codes.tolist() == [T if k < 19 else V if k < 21 else S for k in key]
+    assert np.array_equal(codes, RandomRatioSplit(seed=5, group_by="none").assign(inter))
+    assert not np.array_equal(codes, RandomRatioSplit(seed=6, group_by="none").assign(inter))
+    # no user column needed, and the option is described (it changes the split)
+    assert RandomRatioSplit(group_by="none").assign(pl.DataFrame({"x": np.arange(10)})).tolist().count(T) == 8
+    assert split.describe() == {
+        "split": "random_ratio",
+        "ratios": [0.8, 0.1, 0.1],
+        "split_seed": 5,
+        "group_by": "none",
+    }
 
 
 # --- pre-split --------------------------------------------------------------------------------------------------
@@ -203,6 +322,14 @@ def test_every_protocol_rejects_empty_input():
     empty = pl.DataFrame(
         schema={"user_id": pl.Int64, "timestamp": pl.Int64, "positive": pl.Boolean, "split": pl.String}
     )
-    for split in (TemporalSplit(), LeaveOneOutSplit(), RandomRatioSplit(), PreSplit()):
+    splits = (
+        TemporalSplit(),
+        LeaveOneOutSplit(),
+        LeaveOneOutSplit(hold_out="rows"),
+        RandomRatioSplit(),
+        RandomRatioSplit(group_by="none"),
+        PreSplit(),
+    )
+    for split in splits:
         with pytest.raises(SourceError, match="no interactions to split"):
             split.assign(empty)

@@ -231,6 +231,36 @@ class PreparedCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class UnmaskedFullRanking:
+    """Rank each query against the whole catalogue without masking what the user interacted with before.
+
+    RecBole's full ranking for sequential models (`repeatable: True`, set by its `sequential.yaml`): its
+    `FullSortEvalDataLoader` hands no history to mask for them, so an item the user saw before is ranked like
+    any other, and a target the user had consumed before is still a target. Only code 0 (unknown to training)
+    is masked. Select it with `data.eval_candidates: {_target_: recsys_lab.data.prepare.UnmaskedFullRanking}`;
+    the default `full` masks every earlier positive (RecBole's general models). Like `FullRanking`, it draws
+    no candidates.
+    """
+
+    name = "full_unmasked"
+    mask_seen = False
+
+    def candidates(
+        self,
+        query_users: torch.Tensor,
+        targets: Ragged,
+        exclude: Any,
+        n_items: int,
+        item_counts: torch.Tensor | None,
+        allowed: torch.Tensor | None = None,
+    ) -> None:
+        """No stored candidates: the whole catalogue is ranked (the same call as the other candidate sets)."""
+        return None
+
+    def describe(self) -> dict:
+        return {"eval_candidates": self.name}
+
+
 # ---- preparation -------------------------------------------------------------------------------------------
 def prepare(
     raw: RawData,
@@ -320,7 +350,8 @@ def prepare(
         split=split.describe(),
         cutoffs=list(getattr(split, "cutoffs_", ()) or ()),
     )
-    queries = {s: _queries(rows, item_code, STAGES[s], counts) for s in ("val", "test")}
+    mask_seen = getattr(eval_candidates, "mask_seen", True)  # False: RecBole's sequential full ranking
+    queries = {s: _queries(rows, item_code, STAGES[s], counts, mask_seen) for s in ("val", "test")}
     if eval_candidates is not None:
         queries = {
             s: _with_candidates(q, rows, item_code, counts_per_code, eval_candidates, s)
@@ -395,13 +426,18 @@ def _floats(column: pl.Series, kind: str) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, dim))
 
 
-def _queries(rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict) -> pl.DataFrame:
+def _queries(
+    rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict, mask_seen: bool = True
+) -> pl.DataFrame:
     """Ranking queries of one stage: each user with positives in the stage, as of the stage's start.
 
     The query's history is every positive of the earlier splits (train for validation, train + validation for
     test); its targets are the distinct known items of its positives in the stage that are not in that
-    history (those are masked as `seen`). Targets whose item is unknown to the training vocabulary cannot be
-    ranked by an id model: they are counted, not silently dropped.
+    history (those are masked as `seen`). This is RecBole's masking for general models: its test-time history
+    is every item of the user's training and validation interactions, less the test items. With
+    `mask_seen=False` nothing is masked (`seen` is empty) and every distinct known item of the stage's
+    positives is a target, re-consumed ones included. Targets whose item is unknown to the training
+    vocabulary cannot be ranked by an id model: they are counted, not silently dropped.
     """
     name = "val" if stage == VAL else "test"
     pos = rows.filter(pl.col("positive")).select("user", "item", "split", "timestamp")
@@ -411,12 +447,12 @@ def _queries(rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict
     )
     period = pos.filter(pl.col("split") == stage)
     unknown = int((period["code"] == 0).sum())
-    targets = (
-        period.filter(pl.col("code") > 0)
-        .join(seen.explode("seen").rename({"seen": "code"}), on=["user", "code"], how="anti")
-        .group_by("user")
-        .agg(pl.col("code").unique().sort().alias("targets"))
-    )
+    known = period.filter(pl.col("code") > 0)
+    if mask_seen:
+        known = known.join(seen.explode("seen").rename({"seen": "code"}), on=["user", "code"], how="anti")
+    else:
+        seen = seen.clear()  # nothing is masked: every query's `seen` list is empty
+    targets = known.group_by("user").agg(pl.col("code").unique().sort().alias("targets"))
     queries = targets.join(seen, on="user", how="left").with_columns(
         pl.col("seen").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
     )

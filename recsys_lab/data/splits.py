@@ -5,7 +5,8 @@ per row of `inter`, in the same order. `inter` is the preprocessed table (`recsy
 columns `user_id`, `item_id`, `timestamp`, `positive` and, for pre-split data, `split`. After `assign`, every
 protocol exposes `cutoffs_`: the global (start of validation, start of test) timestamps for `TemporalSplit`,
 None for the per-user protocols, which have no global period boundary. All are vectorised (polars window
-expressions and numpy), with no per-user Python loops.
+expressions and numpy), with no per-user Python loops. `describe()` feeds the prepared-data fingerprint, so
+an option is only described when it differs from its default: configs that do not use it keep their caches.
 """
 
 from __future__ import annotations
@@ -84,35 +85,73 @@ class TemporalSplit:
         return {"split": self.name, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
 
 
-class LeaveOneOutSplit:
-    """Per-user leave-one-out by time: the last positive tests, the second-to-last validates.
+HOLD_OUT = ("positives", "rows")
 
-    Each user's rows are ordered by timestamp, ties by row order. The user's last positive is TEST, the
-    second-to-last positive VAL, all earlier positives TRAIN. Negatives (impressions without a click, or
-    below-threshold ratings kept by `Preprocess(keep_negatives=True)`) go with the period they fall in, each
-    period starting just after the previous period's last positive: a negative before the last TRAIN positive
-    is TRAIN; one after it (up to the VAL positive) is VAL; one after the VAL positive, before or after the
-    TEST positive, is TEST. In one rule, for every row: code = clip(positives strictly before the row in the
-    user's order - (n_pos - 3), 0, 2), where n_pos is the user's number of positives.
-    Users with fewer than 3 positives keep every row in TRAIN (they have nothing to hold out for both val
-    and test); `Preprocess(min_history=3)` removes them instead. There are no global cutoffs (`cutoffs_`
-    stays None).
+
+class LeaveOneOutSplit:
+    """Per-user leave-one-out by time: the last positive (or row) tests, the second-to-last validates.
+
+    Each user's rows are ordered by timestamp, ties by row order (a stable sort, as RecBole's).
+
+    `hold_out="positives"` (the default): the user's last positive is TEST, the second-to-last positive VAL,
+    all earlier positives TRAIN. Negatives (impressions without a click, or below-threshold ratings kept by
+    `Preprocess(keep_negatives=True)`) go with the period they fall in, each period starting just after the
+    previous period's last positive: a negative before the last TRAIN positive is TRAIN; one after it (up to
+    the VAL positive) is VAL; one after the VAL positive, before or after the TEST positive, is TEST. In one
+    rule, for every row: code = clip(positives strictly before the row in the user's order - (n_pos - 3),
+    0, 2), where n_pos is the user's number of positives. Users with fewer than 3 positives keep every row in
+    TRAIN (they have nothing to hold out for both val and test); `Preprocess(min_history=3)` removes them
+    instead.
+
+    `hold_out="rows"`: RecBole's "LS" split (`Dataset.leave_one_out`, `_split_index_by_leave_one_out`): the
+    user's last row is TEST and the second-to-last row VAL whatever their labels, so a held-out row may be a
+    negative (CTR protocols score it by its label). A user with n rows holds out
+    clip(n - min_train_rows, 0, 2) rows, test first: with RecBole's general datasets min_train_rows = 1
+    (n = 2 gives 1 train + 1 test row); its sequential datasets first turn each row but the user's first into
+    a (history, next item) example and then split the examples, which is min_train_rows = 2 here (n = 3 gives
+    2 train rows + 1 test row, the first row serving as history only).
+
+    There are no global cutoffs (`cutoffs_` stays None).
+
+    Args:
+        hold_out: "positives" (hold out the last positives; negatives follow the period they fall in) or
+            "rows" (hold out the last rows, whatever their labels).
+        min_train_rows: with hold_out="rows", the rows a user always keeps in training (1 or more).
     """
 
     name = "leave_one_out"
 
-    def __init__(self) -> None:
+    def __init__(self, hold_out: str = "positives", min_train_rows: int = 1) -> None:
+        if hold_out not in HOLD_OUT:
+            raise ValueError(f"data.split.hold_out='{hold_out}' is unknown; expected one of {HOLD_OUT}")
+        if isinstance(min_train_rows, bool) or not isinstance(min_train_rows, int) or min_train_rows < 1:
+            raise ValueError(f"data.split.min_train_rows={min_train_rows!r} must be an integer >= 1")
+        if hold_out == "positives" and min_train_rows != 1:
+            raise ValueError(
+                f"data.split.min_train_rows={min_train_rows} applies to hold_out=rows only; with "
+                "hold_out=positives a user needs 3 positives (data.preprocess.min_history drops the others)"
+            )
+        self.hold_out, self.min_train_rows = hold_out, min_train_rows
         self.cutoffs_: tuple[int, int] | None = None
 
     def assign(self, inter: pl.DataFrame) -> np.ndarray:
         """int8 split code per row (TRAIN / VAL / TEST)."""
-        _require(inter, ("user_id", "timestamp", "positive"), self.name)
-        pos = pl.col("positive").cast(pl.Int32)
-        n_pos = pos.sum().over("user_id")
-        before = pos.cum_sum().over("user_id") - pos  # positives strictly before the row, in time order
-        code = pl.when(n_pos >= 3).then((before - (n_pos - 3)).clip(0, 2)).otherwise(0)
+        if self.hold_out == "rows":
+            _require(inter, ("user_id", "timestamp"), self.name)
+            n = pl.len().over("user_id").cast(pl.Int64)
+            from_end = n - 1 - pl.int_range(pl.len()).over("user_id")  # 0 for the user's last row in time
+            held = (n - self.min_train_rows).clip(0, 2)  # rows held out, test first
+            code = pl.when(from_end < held).then(2 - from_end).otherwise(TRAIN)
+            columns: tuple[str, ...] = ("user_id", "timestamp")
+        else:
+            _require(inter, ("user_id", "timestamp", "positive"), self.name)
+            pos = pl.col("positive").cast(pl.Int32)
+            n_pos = pos.sum().over("user_id")
+            before = pos.cum_sum().over("user_id") - pos  # positives strictly before the row, in time order
+            code = pl.when(n_pos >= 3).then((before - (n_pos - 3)).clip(0, 2)).otherwise(0)
+            columns = ("user_id", "timestamp", "positive")
         ranked = (
-            inter.select("user_id", "timestamp", "positive")
+            inter.select(*columns)
             .with_row_index(_ROW)
             .sort("timestamp", maintain_order=True)  # stable: equal timestamps keep row order
             .select(_ROW, code.alias("code"))
@@ -120,31 +159,68 @@ class LeaveOneOutSplit:
         return _scatter(ranked.get_column(_ROW), ranked.get_column("code"))
 
     def describe(self) -> dict:
-        return {"split": self.name}
+        out: dict = {"split": self.name}
+        if self.hold_out != "positives":  # the default is not described: its caches keep their fingerprint
+            out.update(hold_out=self.hold_out, min_train_rows=self.min_train_rows)
+        return out
+
+
+def recbole_split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(train, val, test) sizes of a part of n rows, as RecBole's `Dataset._calcu_split_ids` computes them.
+
+    Ratios are normalised to sum 1; val and test are `int(ratio * n)` (rounded down) and train the rest; then
+    test, and after it val, take one row from train when their `ratio * n` lies strictly between 0 and 1, as
+    long as train keeps more than one row. The same float arithmetic as RecBole, so the sizes match exactly.
+    """
+    total = sum(ratios)
+    r_val, r_test = ratios[1] / total, ratios[2] / total
+    counts = [0, int(r_val * n), int(r_test * n)]
+    counts[0] = n - counts[1] - counts[2]
+    for part, ratio in ((2, r_test), (1, r_val)):
+        if counts[0] <= 1:
+            break
+        if 0 < ratio * n < 1:
+            counts[part] += 1
+            counts[0] -= 1
+    return counts[0], counts[1], counts[2]
+
+
+GROUP_BY = ("user", "none")
 
 
 class RandomRatioSplit:
-    """Per-user random split by ratios, RecBole's "RS" with `group_by: user` (e.g. 8:1:1).
+    """Random split by ratios, RecBole's "RS" (e.g. 8:1:1), per user (`group_by: user`) or over all rows
+    (`group_by: none`, RecBole's context-aware default).
 
-    Each user's rows (positives and negatives alike) are put in a seeded random order and cut by counts
-    computed as RecBole's `_calcu_split_ids` does, for a user with `n` rows and ratios normalised to sum 1:
-    `n_val = floor(val * n)`, `n_test = floor(test * n)`, `n_train = n - n_val - n_test`; then, so that no
-    part is empty when its ratio is not, test and after it val each take one row from train when their
-    `ratio * n` lies strictly between 0 and 1, as long as train keeps more than one row. For 8:1:1,
-    n = 10 gives 8/1/1, n = 5 gives 3/1/1, n = 3 gives 1/1/1, n = 2 gives 1/0/1 and n = 1 gives 1/0/0.
-    The order is numpy's `default_rng(seed).permutation` of all rows, restricted to each user, so the
-    split is reproducible for the same table and seed (RecBole shuffles with torch, so its exact rows differ;
-    its counts do not). There are no global cutoffs (`cutoffs_` stays None).
+    Rows (positives and negatives alike) are put in a seeded random order and cut by counts computed as
+    RecBole's `_calcu_split_ids` does (`recbole_split_counts`), for a part with `n` rows and ratios normalised
+    to sum 1: `n_val = floor(val * n)`, `n_test = floor(test * n)`, `n_train = n - n_val - n_test`; then, so
+    that no part is empty when its ratio is not, test and after it val each take one row from train when their
+    `ratio * n` lies strictly between 0 and 1, as long as train keeps more than one row. For 8:1:1, n = 10
+    gives 8/1/1, n = 5 gives 3/1/1, n = 3 gives 1/1/1, n = 2 gives 1/0/1 and n = 1 gives 1/0/0.
+
+    - `group_by="user"`: each user's rows are cut by the user's own counts (RecBole's general default).
+    - `group_by="none"`: the whole table is cut once, by the counts of all its rows (RecBole's
+      `split_by_ratio(group_by=None)`): the first n_train rows of the random order train, the next n_val
+      validate, the rest test, so a user may have rows in test and none in training.
+
+    The order is numpy's `default_rng(seed).permutation` of all rows (restricted to each user when grouped),
+    so the split is reproducible for the same table and seed (RecBole shuffles with torch, so its exact rows
+    differ; its counts do not). There are no global cutoffs (`cutoffs_` stays None).
 
     Args:
         ratios: (train, val, test) weights; normalised to sum 1.
         seed: seed of the random order.
+        group_by: "user" (cut each user's rows) or "none" (cut all rows at once).
     """
 
     name = "random_ratio"
 
     def __init__(
-        self, ratios: tuple[float, float, float] | list[float] = (0.8, 0.1, 0.1), seed: int = 0
+        self,
+        ratios: tuple[float, float, float] | list[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        group_by: str = "user",
     ) -> None:
         ratios = tuple(float(r) for r in ratios)
         if len(ratios) != 3 or min(ratios) < 0 or ratios[0] <= 0:
@@ -152,12 +228,24 @@ class RandomRatioSplit:
                 f"data.split.ratios={list(ratios)} must be three non-negative weights (train, val, test) with "
                 "a positive train weight"
             )
+        if group_by not in GROUP_BY:
+            raise ValueError(f"data.split.group_by='{group_by}' is unknown; expected one of {GROUP_BY}")
         self.ratios = ratios
         self.seed = seed
+        self.group_by = group_by
         self.cutoffs_: tuple[int, int] | None = None
 
     def assign(self, inter: pl.DataFrame) -> np.ndarray:
         """int8 split code per row (TRAIN / VAL / TEST)."""
+        if self.group_by == "none":
+            _require(inter, (), self.name)
+            # row i takes position key[i] in the random order; the first n_train positions train, and so on
+            key = np.random.default_rng(self.seed).permutation(inter.height)
+            n_train, n_val, _ = recbole_split_counts(inter.height, self.ratios)
+            codes = np.full(inter.height, TEST, dtype=np.int8)
+            codes[key < n_train + n_val] = VAL
+            codes[key < n_train] = TRAIN
+            return codes
         _require(inter, ("user_id",), self.name)
         total = sum(self.ratios)
         r_val, r_test = self.ratios[1] / total, self.ratios[2] / total
@@ -192,7 +280,10 @@ class RandomRatioSplit:
         return counts.select(code.cast(pl.Int8)).to_series().to_numpy()
 
     def describe(self) -> dict:
-        return {"split": self.name, "ratios": list(self.ratios), "split_seed": self.seed}
+        out = {"split": self.name, "ratios": list(self.ratios), "split_seed": self.seed}
+        if self.group_by != "user":  # the default is not described: its caches keep their fingerprint
+            out["group_by"] = self.group_by
+        return out
 
 
 class PreSplit:

@@ -1,15 +1,26 @@
-"""Streaming full-catalogue ranking metrics: Recall@k, NDCG@k, Hit@k and MRR.
+"""Streaming full-catalogue ranking metrics: Recall@k, Precision@k, NDCG@k, Hit@k, MRR@k and MRR.
 
 torchmetrics' retrieval metrics keep every (query, item, score) triple until `compute()`, which does not scale
 when every query is ranked against the whole catalogue. The metrics here are means of per-query values, so the
 state is a handful of sums that `dist_reduce_fx="sum"` adds up across DDP processes.
 
+Definitions (binary relevance; per query, then averaged over queries; k is clamped to the catalogue size N):
+
+- `recall@k` = (#relevant in the top k) / (#relevant);
+- `precision@k` = (#relevant in the top k) / k (RecBole's Precision@k);
+- `hit@k` = 1 if any relevant item is in the top k, else 0;
+- `ndcg@k` = DCG@k / IDCG@k, DCG@k = sum over top-k positions p (1-based) of rel_p / log2(p + 1), IDCG@k the
+  DCG@k of the ideal order (min(#relevant, k) relevant items on top);
+- `mrr@k` = 1 / rank of the best-ranked relevant item if that rank is <= k, else 0 (RecBole's MRR@k);
+- `mrr` = 1 / rank of the best-ranked relevant item over the whole catalogue (not truncated).
+
 Tie policy: every metric is its expected value when ties are broken uniformly at random, computed exactly (not
 by sampling). Coarse scores (popularity counts, quantised logits) tie often; breaking ties in the relevant
 item's favour, or in whatever order `torch.topk` returns them, would inflate such baselines. For an item scored
 s, let a = #items scored strictly higher and t = #items scored exactly s (itself included): under random
-tie-breaking its rank is uniform on a+1..a+t. Recall and DCG follow by linearity of expectation; Hit@k and MRR
-depend on the best-placed relevant item and use its exact (hypergeometric) law. See `FullRankingMetrics`.
+tie-breaking its rank is uniform on a+1..a+t. Recall, precision and DCG follow by linearity of expectation;
+Hit@k, MRR@k and MRR depend on the best-placed relevant item and use its exact (hypergeometric) law. See
+`FullRankingMetrics`.
 """
 
 from __future__ import annotations
@@ -179,27 +190,56 @@ def _expected_reciprocal_rank(a: Tensor, t: Tensor, r: Tensor) -> Tensor:
     return out
 
 
+def _expected_truncated_reciprocal_rank(a: Tensor, t: Tensor, r: Tensor, cut: Tensor) -> Tensor:
+    """E[1{rank <= k} / rank] of the best relevant item, float64 [Q, n_ks], for each cut-off k in `cut`.
+
+    a, t, r: int64 [Q], the best-scored relevant group (a items above, t tied, r relevant among them);
+    cut: int64 [n_ks], the clamped cut-offs. The best rank is a + X, X the smallest of r positions drawn
+    without replacement from 1..t, and only X <= k - a <= max(cut) can count, so the sum over X's support has
+    at most max(cut) terms (no ragged sum, unlike the untruncated MRR).
+    """
+    k_max = int(cut.max())
+    x = torch.arange(1, k_max + 1, device=a.device, dtype=torch.float64)  # (K,): candidate values of X
+    a64, t64, r64 = a.double().unsqueeze(1), t.double().unsqueeze(1), r.double().unsqueeze(1)  # (Q, 1)
+    # P(X = x) = S(x - 1) * r / (t - x + 1), S(x) = P(X > x) = prod_{j < x} (1 - r / (t - j)): a product of
+    # log1p terms keeps full relative precision where lgamma differences of large t would not. Past the
+    # support (x > t - r + 1) the ratio reaches 1 and S drops to exactly 0.
+    ratio = (r64 / (t64 - x + 1).clamp(min=1)).clamp(max=1.0)  # (Q, K): r / (t - j) at j = x - 1
+    log_survival = torch.log1p(-ratio).cumsum(dim=1)  # (Q, K): log S(x)
+    # (Q, K): S(x - 1), with S(0) = 1
+    survival_before = torch.cat([torch.zeros_like(a64), log_survival[:, :-1]], dim=1).exp()
+    term = survival_before * ratio / (a64 + x)  # (Q, K): P(X = x) / (a + x)
+    within = (a64 + x).unsqueeze(2) <= cut.view(1, 1, -1)  # (Q, K, n_ks): rank a + x inside the top k
+    return (term.unsqueeze(2) * within).sum(dim=1)  # (Q, n_ks)
+
+
 class FullRankingMetrics(Metric):
-    """Recall@k, NDCG@k and Hit@k for each k, and MRR, over queries ranked against the full catalogue.
+    """Recall@k, Precision@k, NDCG@k, Hit@k and MRR@k for each k, and MRR, over queries ranked against the
+    full catalogue.
 
     Every metric is a per-query value averaged over queries (binary relevance):
 
     - `recall@k` = (#relevant in the top k) / (#relevant);
+    - `precision@k` = (#relevant in the top k) / k;
     - `hit@k` = 1 if any relevant item is in the top k;
     - `ndcg@k` = DCG@k / IDCG@k, DCG@k = sum over top-k positions p (1-based) of rel_p / log2(p + 1),
       IDCG@k = sum_{p=1..min(#relevant, k)} 1 / log2(p + 1);
+    - `mrr@k` = 1 / rank of the best-ranked relevant item when it is within the top k, else 0;
     - `mrr` = 1 / rank of the best-ranked relevant item over the whole catalogue (not truncated at k).
 
     Ties: each per-query value is its exact expectation when tied scores are ordered uniformly at random, so no
     metric depends on the column order or on how `torch.topk` orders ties. For a relevant item with a items
     scored strictly higher and t items tied with it (itself included), the rank is uniform on a+1..a+t:
 
-    - recall@k adds P(rank <= k) = clamp(k - a, 0, t) / t per relevant item;
+    - recall@k adds P(rank <= k) = clamp(k - a, 0, t) / t per relevant item; precision@k is the same expected
+      count of relevant items in the top k, divided by k instead of #relevant;
     - DCG@k adds (C(min(a + t, k)) - C(min(a, k))) / t per relevant item, C(n) = sum_{p<=n} 1 / log2(p + 1);
     - hit@k is 1 if a relevant group ends within the top k; otherwise, if the one tie group that straddles
       position k holds r relevant items and gets m = k - a of the top-k slots, it is 1 - C(t - r, m) / C(t, m);
     - mrr = E[1 / (a + X)] for the best-scored relevant group, X the smallest of r positions drawn without
-      replacement from 1..t: (H(a + t) - H(a)) / t when r = 1 (H = harmonic numbers), a sum over X otherwise.
+      replacement from 1..t: (H(a + t) - H(a)) / t when r = 1 (H = harmonic numbers), a sum over X otherwise;
+    - mrr@k = E[1{a + X <= k} / (a + X)] for the same group: the same law of X, summed over x <= k - a only
+      (0 when a >= k).
 
     Without ties these are the usual values. The per-query values are computed in float64, then summed into
     the (float32) states.
@@ -210,7 +250,8 @@ class FullRankingMetrics(Metric):
     every metric, MRR included.
 
     Args:
-        ks: cut-offs k (positive ints). k larger than the catalogue size N is clamped to N.
+        ks: cut-offs k (positive ints). k larger than the catalogue size N is clamped to N (precision@k then
+            divides by N: the list holds only N items).
 
     Shapes (`update`):
         scores: float [B, N], one row per query, one column per catalogue item, masked items at `-inf`.
@@ -229,6 +270,8 @@ class FullRankingMetrics(Metric):
         self.add_state("recall_sum", default=torch.zeros(n_ks), dist_reduce_fx="sum")
         self.add_state("ndcg_sum", default=torch.zeros(n_ks), dist_reduce_fx="sum")
         self.add_state("hit_sum", default=torch.zeros(n_ks), dist_reduce_fx="sum")
+        self.add_state("precision_sum", default=torch.zeros(n_ks), dist_reduce_fx="sum")
+        self.add_state("mrr_at_k_sum", default=torch.zeros(n_ks), dist_reduce_fx="sum")
         self.add_state("mrr_sum", default=torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -281,6 +324,7 @@ class FullRankingMetrics(Metric):
         idcg_at_k = cum_discount[ideal_len]  # (B, n_ks)
 
         self.recall_sum += (hits_at_k / num_relevant.unsqueeze(1)).sum(dim=0).to(self.recall_sum.dtype)
+        self.precision_sum += (hits_at_k / cut).sum(dim=0).to(self.precision_sum.dtype)
         self.hit_sum += _expected_hit(a, t, w, cut).sum(dim=0).to(self.hit_sum.dtype)
         self.ndcg_sum += (dcg_at_k / idcg_at_k).sum(dim=0).to(self.ndcg_sum.dtype)
 
@@ -302,10 +346,15 @@ class FullRankingMetrics(Metric):
         # A query whose relevant items are all masked has no rank: it contributes 0.
         reciprocal_rank = torch.where(best_relevant > float("-inf"), reciprocal_rank, 0.0)
         self.mrr_sum += reciprocal_rank.sum().to(self.mrr_sum.dtype)
+        # MRR@k from the same group: only its first k - a positions can count.
+        truncated = _expected_truncated_reciprocal_rank(a_best, t_best, r_best, cut)  # (B, n_ks)
+        truncated = torch.where((best_relevant > float("-inf")).unsqueeze(1), truncated, 0.0)
+        self.mrr_at_k_sum += truncated.sum(dim=0).to(self.mrr_at_k_sum.dtype)
         self.count += scores.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
-        """Means over all queries seen: keys `recall@{k}`, `ndcg@{k}`, `hit@{k}` for each k, and `mrr`."""
+        """Means over all queries seen: keys `recall@{k}`, `precision@{k}`, `ndcg@{k}`, `hit@{k}`, `mrr@{k}`
+        for each k, and `mrr`."""
         if int(self.count) == 0:
             raise RuntimeError("FullRankingMetrics.compute() called before any query was passed to update()")
         count = self.count.to(self.recall_sum.dtype)
@@ -314,5 +363,7 @@ class FullRankingMetrics(Metric):
             out[f"recall@{k}"] = self.recall_sum[i] / count
             out[f"ndcg@{k}"] = self.ndcg_sum[i] / count
             out[f"hit@{k}"] = self.hit_sum[i] / count
+            out[f"precision@{k}"] = self.precision_sum[i] / count
+            out[f"mrr@{k}"] = self.mrr_at_k_sum[i] / count
         out["mrr"] = self.mrr_sum / count
         return out
