@@ -13,12 +13,14 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.tasks.base import RecTask
-from recsys_lab.utils.callbacks import RandomState
+from recsys_lab.utils.callbacks import RandomState, TrainingClock
 from recsys_lab.utils.checks import (
     check_metric_names,
     check_optimizer,
@@ -27,6 +29,7 @@ from recsys_lab.utils.checks import (
     validate_config,
 )
 from recsys_lab.utils.pretrained import register_resolvers
+from recsys_lab.utils.repro import check_repro_config, check_reproduction, print_reproduction
 from recsys_lab.utils.run import (
     RunMetadata,
     best_score,
@@ -67,6 +70,7 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, print and save the results; returns the results dict."""
     validate_config(cfg)
+    check_repro_config(cfg.get("repro"))  # a malformed published-result block fails before data preparation
     resume = cfg.get("ckpt_path")
     if resume:
         load_checkpoint(resume)  # a missing, truncated or foreign file stops here, before data preparation
@@ -90,9 +94,10 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": commit,
         "data_fingerprint": datamodule.fingerprint(),
-        "protocol": datamodule.describe(),
+        "protocol": {**datamodule.describe(), "protocol_preset": cfg.get("protocol_preset")},
     }
-    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState()]
+    clock = TrainingClock()
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState(), clock]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     training = training_summary(trainer, datamodule)
     run_info["training"] = training
@@ -122,13 +127,19 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "data_fingerprint": run_info["data_fingerprint"],
         "protocol": run_info["protocol"],
         "training": training,
+        "timing": clock.summary(
+            cfg.monitor, "min" if cfg.monitor.endswith("loss") else "max", cfg.get("time_to")
+        ),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path
         if trainer.checkpoint_callback
         else None,
         "output_dir": str(output_dir),
     }
+    if cfg.get("repro") is not None:  # a published setup (conf/experiment/repro): expected vs obtained
+        results["reproduction"] = check_reproduction(cfg.repro, metrics, cfg.get("protocol_preset"))
     if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
         write_results(results, output_dir)
+        print_reproduction(results.get("reproduction"))
     return results
 
 
@@ -147,7 +158,7 @@ def main(cfg: DictConfig) -> float | None:
     if metric is None:
         return None
     value = results["metrics"].get(f"best_{metric}", results["metrics"].get(metric))
-    if value is None:
+    if value is None and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper needs the value
         raise SystemExit(
             f"config error: optimized_metric='{metric}' was not produced; metrics are {sorted(results['metrics'])}"
         )

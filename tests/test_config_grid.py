@@ -15,7 +15,9 @@ from tests.source_fixtures import random_amazon_2023, random_atomic, random_ml10
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 DATA = sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml") if not p.stem.startswith("_"))
-RANKING_KEYS = {f"test/{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)} | {"test/mrr"}
+RANKING_KEYS = {
+    f"test/{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr") for k in (10, 20, 50)
+} | {"test/mrr"}
 IMPRESSION_KEYS = {f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")}
 
 

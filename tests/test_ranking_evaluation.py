@@ -85,6 +85,10 @@ FULL = {
     "recall@3": (1 + 1 / 2) / 2,
     "ndcg@3": (1 + dcg([1]) / dcg([1, 2])) / 2,
     "hit@3": 1.0,
+    "precision@1": 1.0,
+    "precision@3": 1 / 3,  # one relevant item in each top 3
+    "mrr@1": 1.0,
+    "mrr@3": 1.0,
     "mrr": 1.0,
 }
 
@@ -105,6 +109,10 @@ SAMPLED = {
     "recall@3": (1 + 1 / 2) / 2,
     "hit@3": 1.0,
     "ndcg@3": (1 + dcg([2]) / dcg([1, 2])) / 2,
+    "precision@1": (1 + 0) / 2,
+    "precision@3": (1 / 3 + 1 / 3) / 2,
+    "mrr@1": (1 + 0) / 2,
+    "mrr@3": (1 + 1 / 2) / 2,
     "mrr": (1 + 1 / 2) / 2,
 }
 

@@ -19,8 +19,24 @@ from recsys_lab.train import CONFIG_DIR, train
 from recsys_lab.utils.checks import ConfigError
 from tests.helpers import REPO, SMALL_DATA, model_overrides
 
-MODELS = ["din", "two_tower", "bert_cross_encoder", "popularity", "popularity_retrieval"]
-CTR_MODELS = {"din", "bert_cross_encoder", "popularity"}
+MODELS = [
+    "din",
+    "two_tower",
+    "bert_cross_encoder",
+    "popularity",
+    "popularity_retrieval",
+    "gru4rec",
+    "sasrec",
+    "bert4rec",
+    "hstu",
+    "mf_bpr",
+    "gmf",
+    "mlp",
+    "neumf",
+    "lightgcn",
+    "ease",
+]
+CTR_MODELS = {"din", "bert_cross_encoder", "popularity", "gmf", "mlp", "neumf"}
 
 
 def test_every_model_config_is_covered():
@@ -41,7 +57,9 @@ def test_fast_dev_run(model, make_cfg, tmp_path):
         assert metrics["test/oracle_auc"] > metrics["test/popularity_auc"] + 0.05
         assert metrics["test/logloss"] > 0
     else:
-        ranking = {f"test/{m}@{k}" for m in ("recall", "ndcg", "hit") for k in (10, 20, 50)} | {"test/mrr"}
+        ranking = {
+            f"test/{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr") for k in (10, 20, 50)
+        } | {"test/mrr"}
         assert set(metrics) == ranking
         assert metrics["test/recall@10"] <= metrics["test/recall@20"] <= metrics["test/recall@50"]
         assert metrics["test/hit@10"] <= metrics["test/hit@20"] <= metrics["test/hit@50"]
@@ -157,3 +175,42 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "config error: trainer.max_epochs=-1: expected a positive integer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_timing_records_time_to_quality(make_cfg, tmp_path):
+    """results.json "timing": seconds per training epoch, to the best epoch, and to target validation values
+    (a value reached at once, one never reached)."""
+    cfg = make_cfg(
+        [
+            *model_overrides("two_tower", tmp_path),
+            "trainer.max_epochs=2",
+            "callbacks.early_stopping=null",
+            "time_to={val/recall@50: 0.0, val/ndcg@10: 2.0}",
+        ]
+    )
+    timing = train(cfg)["timing"]
+    assert timing["epochs"] == 2 and 0 < timing["seconds_per_epoch"] < timing["fit_seconds"]
+    assert timing["best_epoch"] in (0, 1) and 0 < timing["seconds_to_best"] <= timing["fit_seconds"]
+    assert 0 < timing["seconds_to_val/recall@50>=0.0"] <= timing["seconds_to_best"] + 1e-9  # the first epoch
+    assert timing["seconds_to_val/ndcg@10>=2.0"] is None  # never reached
+
+
+def test_cli_run_without_checkpoints_exits_cleanly(tmp_path):
+    """fast_dev_run keeps no checkpoint, so there is no best validation value: a single run still exits 0
+    (only a sweep, which needs the value, stops)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "model=two_tower",
+            *SMALL_DATA,
+            "logger=none",
+            "debug=fast_dev_run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "RECSYS_LAB_DATA": str(tmp_path / "data")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -50,7 +50,7 @@ class RankingEvaluation(nn.Module):
         self._items: Tensor | None = None
 
     def metric_names(self) -> list[str]:
-        return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit")] + ["mrr"]
+        return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
 
     @torch.no_grad()
     def start(self, net: nn.Module, context: EvalContext, device: torch.device) -> None:
