@@ -1,0 +1,144 @@
+"""Aggregate the `results.json` of many runs (a multirun over seeds) into one markdown table: mean ± sd per
+model and protocol, with the seconds to the best epoch.
+
+    python train.py -m model=sasrec,gru4rec data=movielens data.path=../shared/data/ml-100k \
+        protocol=recbole_sequential seed=1,2,3
+    python scripts/summarize.py logs/train/multiruns/<time> --metrics recall@10 ndcg@10 mrr@10
+
+Runs are grouped by model config (Hydra's `model=` choice, from the run's `.hydra/hydra.yaml`; the model
+class where that is missing), protocol preset and evaluation candidates. A group whose runs disagree on
+anything but the seed (the data fingerprint, git commit or training setup) is still one row: the table says
+how many runs it holds, and `--by` adds keys to split on. The sd is the sample standard deviation (n - 1);
+a single run prints its value alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import yaml
+
+DEFAULT_METRICS = ("recall@10", "ndcg@10", "hit@10", "mrr@10")
+
+
+def model_choice(run_dir: Path, results: dict) -> str:
+    """The `model=` option a run was started with; the model class name for runs without Hydra's record."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {})
+        choice = (choices.get("choices") or {}).get("model")
+        if choice:
+            return str(choice)
+    return str(results.get("model", "?")).rsplit(".", 1)[-1]
+
+
+def candidates(protocol: dict) -> str:
+    value = protocol.get("eval_candidates", "?")
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def load_runs(folders: Iterable[Path]) -> list[dict]:
+    """One record per results.json under the folders: its group keys, test metrics and timing."""
+    runs = []
+    for folder in folders:
+        if not folder.exists():
+            raise FileNotFoundError(f"summarize: {folder} does not exist")
+        files = [folder] if folder.is_file() else sorted(folder.rglob("results.json"))
+        for path in files:
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"summarize: {path} is not a readable results.json ({err})") from err
+            protocol = results.get("protocol", {})
+            runs.append(
+                {
+                    "path": path,
+                    "model": model_choice(path.parent, results),
+                    "protocol": str(protocol.get("protocol_preset") or "-"),
+                    "candidates": candidates(protocol),
+                    "seed": results.get("seed"),
+                    "metrics": results.get("metrics", {}),
+                    "timing": results.get("timing") or {},
+                    "results": results,
+                }
+            )
+    if not runs:
+        raise FileNotFoundError(f"summarize: no results.json under {', '.join(map(str, folders))}")
+    return runs
+
+
+def mean_sd(values: Sequence[float], digits: int) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def lookup(results: dict, dotted: str):
+    value = results
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def table(runs: list[dict], metrics: Sequence[str], by: Sequence[str] = ()) -> str:
+    """The markdown table: one row per (model, protocol, candidates, *by) group, in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = (
+            run["model"],
+            run["protocol"],
+            run["candidates"],
+            *(str(lookup(run["results"], b)) for b in by),
+        )
+        groups.setdefault(key, []).append(run)
+    header = ["model", "protocol", "candidates", *by, "runs", *metrics, "s to best epoch", "best epoch"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * 3 + "---|" * len(by) + "---:|" * (len(header) - 3 - len(by)),
+    ]
+    for key, members in groups.items():
+        cells = [*key, str(len(members))]
+        for metric in metrics:
+            values = [r["metrics"][f"test/{metric}"] for r in members if f"test/{metric}" in r["metrics"]]
+            if values and len(values) != len(members):
+                raise ValueError(f"summarize: test/{metric} is missing from some runs of {key}")
+            cells.append(mean_sd(values, 4))
+        cells.append(
+            mean_sd([r["timing"]["seconds_to_best"] for r in members if "seconds_to_best" in r["timing"]], 1)
+        )
+        cells.append(
+            mean_sd([float(r["timing"]["best_epoch"]) for r in members if "best_epoch" in r["timing"]], 1)
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "folders", nargs="+", type=Path, help="run or multirun folders (or results.json files)"
+    )
+    parser.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="test metrics, without test/"
+    )
+    parser.add_argument(
+        "--by", nargs="*", default=[], help="extra results.json keys to group by, e.g. training.global_batch"
+    )
+    args = parser.parse_args(argv)
+    try:
+        print(table(load_runs(args.folders), args.metrics, args.by))
+    except (FileNotFoundError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
