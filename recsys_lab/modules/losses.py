@@ -65,6 +65,20 @@ def _uniform_negatives(targets: Tensor, n: int, num_items: int) -> Tensor:
     return negatives
 
 
+def _checked_negatives(n: int) -> int:
+    if n < 1:
+        raise ValueError(f"loss.n={n}: expected a positive number of negatives")
+    return n
+
+
+def _sampled_scores(hidden: Tensor, targets: Tensor, items: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Scores of each position's target (N,) and of `n` uniform negatives drawn for it (N, n)."""
+    negatives = _uniform_negatives(targets, n, len(items))  # (N, n)
+    positive = (hidden * items[targets]).sum(-1)  # (N,)
+    negative = torch.einsum("nd,nkd->nk", hidden, items[negatives])  # (N, n)
+    return positive, negative
+
+
 class FullSoftmaxLoss(nn.Module):
     """Cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023, "Turning Dross Into Gold
     Loss": SASRec trained this way matches BERT4Rec). Code 0 is excluded from the softmax."""
@@ -85,15 +99,11 @@ class UniformSampledSoftmaxLoss(nn.Module):
 
     def __init__(self, n: int = 256) -> None:
         super().__init__()
-        if n < 1:
-            raise ValueError(f"loss.n={n}: expected a positive number of negatives")
-        self.n = n
+        self.n = _checked_negatives(n)
 
     def forward(self, hidden: Tensor, targets: Tensor, items: Tensor, log_q: Tensor | None = None) -> Tensor:
-        negatives = _uniform_negatives(targets, self.n, len(items))  # (N, n)
-        positive = (hidden * items[targets]).sum(-1, keepdim=True)  # (N, 1)
-        negative = torch.einsum("nd,nkd->nk", hidden, items[negatives])  # (N, n)
-        logits = torch.cat([positive, negative], dim=1)  # (N, 1 + n): the target is class 0
+        positive, negative = _sampled_scores(hidden, targets, items, self.n)  # (N,), (N, n)
+        logits = torch.cat([positive.unsqueeze(1), negative], dim=1)  # (N, 1 + n): the target is class 0
         return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=hidden.device))
 
 
@@ -126,14 +136,10 @@ class BCENegativeLoss(nn.Module):
 
     def __init__(self, n: int = 1) -> None:
         super().__init__()
-        if n < 1:
-            raise ValueError(f"loss.n={n}: expected a positive number of negatives")
-        self.n = n
+        self.n = _checked_negatives(n)
 
     def forward(self, hidden: Tensor, targets: Tensor, items: Tensor, log_q: Tensor | None = None) -> Tensor:
-        negatives = _uniform_negatives(targets, self.n, len(items))  # (N, n)
-        positive = (hidden * items[targets]).sum(-1)  # (N,)
-        negative = torch.einsum("nd,nkd->nk", hidden, items[negatives])  # (N, n)
+        positive, negative = _sampled_scores(hidden, targets, items, self.n)  # (N,), (N, n)
         # -log σ(s+) - Σ log(1 - σ(s-)), averaged over positions
         return (F.softplus(-positive) + F.softplus(negative).sum(1)).mean()
 
@@ -153,8 +159,7 @@ class GBCELoss(nn.Module):
 
     def __init__(self, n: int = 256, t: float = 0.75) -> None:
         super().__init__()
-        if n < 1:
-            raise ValueError(f"loss.n={n}: expected a positive number of negatives")
+        _checked_negatives(n)
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"loss.t={t}: expected a value in [0, 1]")
         self.n, self.t = n, t
@@ -164,8 +169,6 @@ class GBCELoss(nn.Module):
         return alpha * (self.t * (1 - 1 / alpha) + 1 / alpha)
 
     def forward(self, hidden: Tensor, targets: Tensor, items: Tensor, log_q: Tensor | None = None) -> Tensor:
-        negatives = _uniform_negatives(targets, self.n, len(items))  # (N, n)
-        positive = (hidden * items[targets]).sum(-1)  # (N,)
-        negative = torch.einsum("nd,nkd->nk", hidden, items[negatives])  # (N, n)
+        positive, negative = _sampled_scores(hidden, targets, items, self.n)  # (N,), (N, n)
         beta = self.beta(len(items))
         return (beta * F.softplus(-positive) + F.softplus(negative).sum(1)).mean()
