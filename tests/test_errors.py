@@ -32,6 +32,12 @@ def _truncated(tmp_path: Path) -> str:
 # (case, model, overrides (a callable of tmp_path where a file is needed), expected message)
 CASES = [
     (
+        "closed-form model under DDP",
+        "ease",
+        lambda t: ["trainer=ddp_cpu"],
+        r"trainer\.strategy=ddp, trainer\.devices=2: .*FittedTask is fitted in closed form .* use trainer=default",
+    ),
+    (
         "missing checkpoint",
         "din",
         lambda t: [f"ckpt_path={t / 'nope.ckpt'}"],

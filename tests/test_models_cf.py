@@ -279,10 +279,13 @@ def test_lightgcn_propagates_once_per_step_and_once_per_evaluation():
     assert len(calls) == 6  # train() dropped the cache
 
 
-def test_lightgcn_adjacency_moves_with_the_model():
+def test_lightgcn_adjacency_follows_the_embeddings_and_is_no_buffer():
     model = LightGCN(cf_schema(GCN_PAIRS, num_users=4, num_items=4), embedding_dim=2).double()
-    assert model.adjacency.dtype == torch.float64
     assert model(ids([1, 2], [1, 3])).dtype == torch.float64
+    assert model.adjacency.dtype == torch.float64
+    # DDP broadcasts every buffer at start-up and cannot broadcast a sparse tensor; checkpoints need no graph
+    assert not any(b.is_sparse or b.layout == torch.sparse_csr for b in model.buffers())
+    assert set(model.state_dict()) == {"user.weight", "item.weight"}
 
 
 # ---- NeuMF, GMF, MLP ---------------------------------------------------------------------------------------------

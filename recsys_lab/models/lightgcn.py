@@ -93,21 +93,27 @@ class LightGCN(nn.Module):
         self.item = nn.Embedding(self.num_items, embedding_dim)
         nn.init.normal_(self.user.weight, std=init_std)
         nn.init.normal_(self.item.weight, std=init_std)
-        # Not persistent: rebuilt from the schema by the constructor, so checkpoints hold the embeddings only.
-        # A buffer, so `.to(device)` moves it with the model.
-        self.register_buffer(
-            "adjacency", normalized_adjacency(pairs, self.num_users, self.num_items), persistent=False
-        )
+        # Not a buffer: rebuilt from the schema by the constructor, so checkpoints hold the embeddings only, and
+        # DDP, which broadcasts every buffer at start-up, cannot broadcast a sparse CSR tensor. `graph()` moves
+        # it to the embeddings' device and dtype on first use instead.
+        self.adjacency = normalized_adjacency(pairs, self.num_users, self.num_items)
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
+
+    def graph(self, like: Tensor) -> Tensor:
+        """Â on the device and in the dtype of `like` (moved once, then kept there)."""
+        if self.adjacency.device != like.device or self.adjacency.dtype != like.dtype:
+            self.adjacency = self.adjacency.to(device=like.device, dtype=like.dtype)
+        return self.adjacency
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         """Final embeddings of every user code (U, D) and item code (V, D): the mean of layers 0..K."""
         ego = torch.cat([self.user.weight, self.item.weight])  # (U + V, D)
+        adjacency = self.graph(ego)
         # a sum of many small weighted terms: kept in the adjacency's float32 under mixed precision
         with torch.autocast(device_type=ego.device.type, enabled=False):
             layers = [ego]
             for _ in range(self.num_layers):
-                layers.append(SymmetricSparseProduct.apply(self.adjacency, layers[-1]))  # (U + V, D)
+                layers.append(SymmetricSparseProduct.apply(adjacency, layers[-1]))  # (U + V, D)
             final = torch.stack(layers).mean(dim=0)  # (U + V, D)
         users, items = final.split([self.num_users, self.num_items])
         return users, items

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
@@ -31,6 +32,29 @@ def validate_config(cfg: DictConfig) -> None:
     lr = optimizer.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ConfigError(f"model.optimizer.lr={lr}: expected a positive number")
+    _check_fitted_runs_in_one_process(cfg)
+
+
+def _check_fitted_runs_in_one_process(cfg: DictConfig) -> None:
+    """A model fitted in closed form (FittedTask) has no trainable parameter, which DDP refuses to wrap; there
+    is nothing to distribute, so say which trainer to use instead of failing inside every process."""
+    target = (cfg.get("model") or {}).get("_target_")
+    trainer = cfg.get("trainer") or {}
+    strategy, devices = str(trainer.get("strategy") or ""), trainer.get("devices")
+    several = "ddp" in strategy or (
+        isinstance(devices, int) and not isinstance(devices, bool) and devices != 1
+    )
+    if not target or not several:
+        return
+    try:
+        takes_no_steps = getattr(hydra.utils.get_class(target), "takes_no_steps", False)
+    except Exception:  # an unknown target fails with its own error when the task is built
+        return
+    if takes_no_steps:
+        raise ConfigError(
+            f"trainer.strategy={strategy or None}, trainer.devices={devices}: {target} is fitted in closed form "
+            "in one process (no gradient steps to distribute); use trainer=default, cpu or gpu"
+        )
 
 
 class WritableOutput(Callback):
