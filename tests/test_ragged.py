@@ -77,6 +77,14 @@ def test_gather_with_ends(ragged):
     assert torch.equal(seq.lengths, t([2, 1]))
 
 
+def test_gather_carries_times_from_the_same_positions(ragged):
+    # row 2 up to its 3rd entry, last 2: 12 @ t4, 15 @ t4; row 0 whole: 11 @ t5, 14 @ t9; padding -> 0
+    seq = ragged.gather(t([2, 0, 3]), ends=t([3, 2, 0]), max_len=2, times=STORED_TIMES)
+    assert torch.equal(seq.ids, t([[12, 15], [11, 14], [0, 0]]))
+    assert torch.equal(seq.times, t([[4, 4], [5, 9], [0, 0]]))
+    assert ragged.gather(t([0])).times is None
+
+
 def test_gather_empty_cases(ragged):
     none = ragged.gather(t([]))
     assert none.ids.shape == (0, 0) and none.lengths.shape == (0,)

@@ -76,9 +76,16 @@ class Ragged:
     def lengths(self, rows: Tensor) -> Tensor:
         return self.offsets[rows + 1] - self.offsets[rows]
 
-    def gather(self, rows: Tensor, ends: Tensor | None = None, max_len: int | None = None) -> Seq:
+    def gather(
+        self,
+        rows: Tensor,
+        ends: Tensor | None = None,
+        max_len: int | None = None,
+        times: Tensor | None = None,
+    ) -> Seq:
         """The last `max_len` entries of each row before position `ends` (default: the row's end), as a
-        right-padded `Seq` in stored order (oldest first, most recent at position lengths-1)."""
+        right-padded `Seq` in stored order (oldest first, most recent at position lengths-1). With `times`
+        (aligned with `values`), the entries' times come along as `Seq.times` from the same positions."""
         device = rows.device
         start_of_row = self.offsets[rows]  # (B,)
         stop = start_of_row + (self.lengths(rows) if ends is None else ends)  # (B,)
@@ -88,6 +95,8 @@ class Ragged:
         positions = first.unsqueeze(1) + torch.arange(width, device=device)  # (B, L)
         valid = torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
         if len(self.values) == 0:
-            return Seq(torch.zeros((len(rows), width), dtype=torch.long, device=device), lengths)
-        ids = self.values[positions.clamp(max=len(self.values) - 1)] * valid  # (B, L), padding -> 0
-        return Seq(ids, lengths)
+            empty = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+            return Seq(empty, lengths, None if times is None else empty.clone())
+        positions = positions.clamp(max=len(self.values) - 1)
+        ids = self.values[positions] * valid  # (B, L), padding -> 0
+        return Seq(ids, lengths, None if times is None else times[positions] * valid)

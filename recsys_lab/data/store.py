@@ -279,10 +279,8 @@ class FeatureStore:
         hist = Seq(zeros, torch.zeros_like(users), zeros.clone())  # item entities, lengths, timestamps
         for lvl in torch.unique(level).tolist():
             at = (level == lvl).nonzero().squeeze(1)
-            part = self.timelines[lvl].gather(users[at], ends=n_prior[at], max_len=L)
-            clock = Ragged(self.timeline_times[lvl], self.timelines[lvl].offsets)  # the entries' timestamps
-            hist.ids[at], hist.lengths[at] = part.ids, part.lengths
-            hist.times[at] = clock.gather(users[at], ends=n_prior[at], max_len=L).ids
+            part = self.timelines[lvl].gather(users[at], n_prior[at], L, times=self.timeline_times[lvl])
+            hist.ids[at], hist.lengths[at], hist.times[at] = part.ids, part.lengths, part.times
         # entities -> codes and item features (padded positions read entity 0 and stay masked by lengths)
         batch.seq[history_feature(self.item_key)] = Seq(self.item_codes(hist.ids), hist.lengths, hist.times)
         for column in self.history_features:

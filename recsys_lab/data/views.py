@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 from recsys_lab.data.batch import Batch, PositionTargets, Seq
 from recsys_lab.data.prepare import STAGES
 from recsys_lab.data.queries import QuerySet
-from recsys_lab.data.ragged import Ragged
 from recsys_lab.data.sampling import TrainingNegatives, UniformNegatives
 from recsys_lab.data.store import FeatureStore, history_feature
 
@@ -249,16 +248,15 @@ class SequenceView(View):
     def sequences(self, users: Tensor) -> Batch:
         """The training sequences of user entities [B] and their next-item targets."""
         store, L = self.store, self.store.history_len
-        timeline, times = store.timelines[0], Ragged(store.timeline_times[0], store.timelines[0].offsets)
-        items = timeline.gather(users, max_len=L)  # (B, L) entities, oldest first
+        items = store.timelines[0].gather(
+            users, max_len=L, times=store.timeline_times[0]
+        )  # (B, L), oldest first
         batch = Batch()
         store.users.into(batch, users)
         for name in store.row_sparse:
             batch.sparse[name] = torch.zeros_like(users)
         ids = store.item_codes(items.ids)  # (B, L) codes; padding reads entity 0 and stays masked
-        batch.seq[history_feature(store.item_key)] = Seq(
-            ids, items.lengths, times.gather(users, max_len=L).ids
-        )
+        batch.seq[history_feature(store.item_key)] = Seq(ids, items.lengths, items.times)
         for column in store.history_features:
             batch.seq[history_feature(column)] = Seq(store.items.sparse[column][items.ids], items.lengths)
         following = torch.cat([ids[:, 1:], ids.new_zeros(len(users), 1)], dim=1)  # (B, L): item at t + 1
