@@ -53,7 +53,9 @@ _popularity: dict[str, float] = {}
 def popularity_ranking(make_cfg, tmp_path) -> dict[str, float]:
     """Test metrics of popularity_retrieval on the default data (one run per test session)."""
     if not _popularity:
-        cfg = make_cfg(["model=popularity_retrieval", *DEFAULT_DATA, "trainer.max_epochs=1"], tmp_path / "pop")
+        cfg = make_cfg(
+            ["model=popularity_retrieval", *DEFAULT_DATA, "trainer.max_epochs=1"], tmp_path / "pop"
+        )
         _popularity.update(train(cfg)["metrics"])
     return _popularity
 
