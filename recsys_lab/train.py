@@ -36,6 +36,7 @@ from recsys_lab.utils.run import (
     git_commit,
     instantiate_callbacks,
     instantiate_loggers,
+    monitor_mode,
     stage_metrics,
     training_summary,
     write_results,
@@ -127,9 +128,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "data_fingerprint": run_info["data_fingerprint"],
         "protocol": run_info["protocol"],
         "training": training,
-        "timing": clock.summary(
-            cfg.monitor, "min" if cfg.monitor.endswith("loss") else "max", cfg.get("time_to")
-        ),
+        "timing": clock.summary(cfg.monitor, monitor_mode(trainer, cfg.monitor), cfg.get("time_to")),
         "best_checkpoint": trainer.checkpoint_callback.best_model_path
         if trainer.checkpoint_callback
         else None,

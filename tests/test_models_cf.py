@@ -17,6 +17,8 @@ from recsys_lab.models.ease import EASE
 from recsys_lab.models.lightgcn import LightGCN, SymmetricSparseProduct, normalized_adjacency
 from recsys_lab.models.mf_bpr import MFBPR
 from recsys_lab.models.neumf import GMF, NCFMLP, NeuMF
+from recsys_lab.tasks.fitted import FittedTask
+from recsys_lab.tasks.pairwise import PairwiseTask
 from recsys_lab.tasks.ranking import has_encoders
 from recsys_lab.train import build, train
 from recsys_lab.utils.testing import random_batch, tiny_schema
@@ -73,6 +75,16 @@ def test_pair_scorers_have_no_encoders():
     schema = tiny_schema()
     assert not has_encoders(NCFMLP(schema)) and not has_encoders(NeuMF(schema))
     assert has_encoders(GMF(schema))
+
+
+@pytest.mark.parametrize("task", [PairwiseTask, FittedTask])
+def test_encoder_tasks_name_what_a_pair_scorer_lacks(task):
+    with pytest.raises(
+        TypeError,
+        match=rf"{task.__name__} needs a model with encode_query, encode_item; "
+        r"NeuMF lacks \['encode_query', 'encode_item'\]",
+    ):
+        task(NeuMF(tiny_schema()), tiny_schema(), optimizer=None)
 
 
 # ---- MF-BPR ------------------------------------------------------------------------------------------------------

@@ -179,18 +179,7 @@ class RecDataModule(pl.LightningDataModule):
         self.schema = self.store.schema()
         self.rows, self.queries = self._subsample(p)
         if self.train_negatives is not None:
-            train = (
-                self.store.split == STAGES["train"]
-            ) & self.store.positive  # the whole split, not a subsample
-            codes = self.store.item_codes(self.store.item[train])
-            self.negatives = TrainingNegatives(
-                self.train_negatives,
-                self.store.user[train],
-                codes,
-                self.store.num_item_codes,
-                self.store.item_counts,
-                self.seed,
-            )
+            self.negatives = self.store.training_negatives(self.train_negatives, self.seed)
         self.audit_report = audit(p, self.store, self.queries)
         self.counts = {
             **p.meta.counts,

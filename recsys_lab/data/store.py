@@ -17,6 +17,7 @@ from torch import Tensor
 
 from recsys_lab.data.batch import Batch, EvalTargets, Seq
 from recsys_lab.data.ragged import Ragged
+from recsys_lab.data.sampling import TrainingNegatives
 from recsys_lab.data.schema import Feature, Schema
 from recsys_lab.data.text import TextSpec, TextTables
 
@@ -230,11 +231,27 @@ class FeatureStore:
             feats, labels=list(self.meta.labels), item_counts=self.item_counts, train_pairs=self.train_pairs()
         )
 
+    def train_positive_rows(self) -> Tensor:
+        """int64 [P]: every positive interaction of the training split (the whole split, never a subsample)."""
+        return ((self.split == 0) & self.positive).nonzero().squeeze(1)
+
     def train_pairs(self) -> Tensor:
         """int64 [P, 2]: (user code, item code) of every positive training interaction."""
-        rows = ((self.split == 0) & self.positive).nonzero().squeeze(1)
+        rows = self.train_positive_rows()
         users = self.users.sparse["user_id"][self.user[rows]]
         return torch.stack([users, self.item_codes(self.item[rows])], dim=1)
+
+    def training_negatives(self, sampler, seed: int) -> TrainingNegatives:
+        """Fresh negatives per batch from `sampler`, never one of the user's training positives."""
+        rows = self.train_positive_rows()
+        return TrainingNegatives(
+            sampler,
+            self.user[rows],
+            self.item_codes(self.item[rows]),
+            self.num_item_codes,
+            self.item_counts,
+            seed,
+        )
 
     @property
     def item_counts(self) -> Tensor:

@@ -302,16 +302,7 @@ class PairwiseView(View):
         super().__init__(data)
         self.negatives = data.negatives
         if self.negatives is None:
-            pairs = self.store.train_pairs()  # (P, 2) user codes, item codes -> the user entities are needed
-            train = ((self.store.split == 0) & self.store.positive).nonzero().squeeze(1)
-            self.negatives = TrainingNegatives(
-                UniformNegatives(n=1),
-                self.store.user[train],
-                pairs[:, 1],
-                self.store.num_item_codes,
-                self.store.item_counts,
-                data.seed,
-            )
+            self.negatives = self.store.training_negatives(UniformNegatives(n=1), data.seed)
 
     def describe(self) -> dict:
         return {**super().describe(), "pairwise_negatives": self.negatives.describe()}

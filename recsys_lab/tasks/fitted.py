@@ -10,7 +10,7 @@ from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import RetrievalView
 from recsys_lab.tasks.base import RecTask
-from recsys_lab.tasks.ranking import has_encoders
+from recsys_lab.tasks.ranking import require_methods
 
 
 class FittedTask(RecTask):
@@ -25,6 +25,7 @@ class FittedTask(RecTask):
     """
 
     view = RetrievalView
+    takes_no_steps = True  # RunCheckpoint saves the fitted model at global step 0
 
     def __init__(
         self,
@@ -35,10 +36,7 @@ class FittedTask(RecTask):
         ks: Sequence[int] = (10, 20, 50),
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
-        if not has_encoders(net):
-            raise TypeError(
-                f"FittedTask needs encode_query() and encode_item(); {type(net).__name__} has not"
-            )
+        require_methods(net, "FittedTask")
         self.automatic_optimization = False  # nothing to optimise: the fit happened in the constructor
 
     def configure_optimizers(self):
@@ -46,8 +44,6 @@ class FittedTask(RecTask):
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         return None
-
-    takes_no_steps = True  # RunCheckpoint saves the fitted model at global step 0
 
     def on_fit_start(self) -> None:
         # One training batch, read before the loop counts the epoch's batches: the epoch ends after it, so

@@ -26,14 +26,9 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import history_feature
 from recsys_lab.data.views import PrefixSequenceView, SequenceView
 from recsys_lab.tasks.base import RecTask
+from recsys_lab.tasks.ranking import require_methods
 
 SEQUENCE = history_feature("item_id")  # the item sequence every sequence model reads
-
-
-def _check_sequence_model(net: nn.Module, task: str, needs: Sequence[str]) -> None:
-    missing = [name for name in needs if not callable(getattr(net, name, None))]
-    if missing:
-        raise TypeError(f"{task} needs a model with {', '.join(needs)}; {type(net).__name__} lacks {missing}")
 
 
 class NextItemTask(RecTask):
@@ -61,21 +56,25 @@ class NextItemTask(RecTask):
         prefix_augmentation: bool = False,
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
-        _check_sequence_model(net, type(self).__name__, ("encode_sequence", "item_table", "encode_query"))
+        require_methods(net, type(self).__name__, ("encode_sequence", "item_table", "encode_query"))
         self.loss = loss
         if prefix_augmentation:
             self.view = PrefixSequenceView
         self.register_buffer("log_q", schema.item_log_prob(), persistent=False)
 
+    def inputs_and_targets(self, batch: Batch) -> tuple[Batch, PositionTargets]:
+        """What the model reads and the items it must predict at the supervised positions."""
+        return batch, batch.targets["next_item"]
+
     def training_step(self, batch: Batch, batch_idx: int):
-        hidden = self.net.encode_sequence(batch)  # (B, L, D)
-        target = batch.targets["next_item"]
+        inputs, target = self.inputs_and_targets(batch)
+        hidden = self.net.encode_sequence(inputs)  # (B, L, D)
         loss = self.loss(hidden[target.mask], target.ids[target.mask], self.net.item_table(), self.log_q)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(target.mask.sum()))
         return loss
 
 
-class MaskedItemTask(RecTask):
+class MaskedItemTask(NextItemTask):
     """Masked-item prediction (BERT4Rec's Cloze objective, Sun et al., CIKM 2019, arXiv:1904.06690).
 
     Each real position of a training sequence is replaced by the model's `[MASK]` token with probability
@@ -101,16 +100,17 @@ class MaskedItemTask(RecTask):
         ks: Sequence[int] = (10, 20, 50),
         mask_ratio: float = 0.2,
     ) -> None:
-        super().__init__(net, schema, optimizer, scheduler, ks)
-        _check_sequence_model(net, type(self).__name__, ("encode_sequence", "item_table", "encode_query"))
+        super().__init__(net, schema, optimizer, loss, scheduler, ks)
         if not isinstance(getattr(net, "mask_id", None), int):
             raise TypeError(
                 f"MaskedItemTask needs a model with an integer mask_id; {type(net).__name__} has none"
             )
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"model.mask_ratio={mask_ratio}: expected a probability in (0, 1)")
-        self.loss, self.mask_ratio = loss, mask_ratio
-        self.register_buffer("log_q", schema.item_log_prob(), persistent=False)
+        self.mask_ratio = mask_ratio
+
+    def inputs_and_targets(self, batch: Batch) -> tuple[Batch, PositionTargets]:
+        return self.mask(batch)
 
     def mask(self, batch: Batch) -> tuple[Batch, PositionTargets]:
         """The batch with masked inputs, and the original items at the masked positions."""
@@ -125,10 +125,3 @@ class MaskedItemTask(RecTask):
             batch, seq={**batch.seq, SEQUENCE: Seq(inputs, seq.lengths, seq.times)}
         )
         return masked_batch, PositionTargets(seq.ids, masked)
-
-    def training_step(self, batch: Batch, batch_idx: int):
-        masked_batch, target = self.mask(batch)
-        hidden = self.net.encode_sequence(masked_batch)  # (B, L, D)
-        loss = self.loss(hidden[target.mask], target.ids[target.mask], self.net.item_table(), self.log_q)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(target.mask.sum()))
-        return loss

@@ -12,7 +12,7 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import PairwiseView
 from recsys_lab.modules.losses import BPRLoss
 from recsys_lab.tasks.base import RecTask
-from recsys_lab.tasks.ranking import has_encoders
+from recsys_lab.tasks.ranking import require_methods
 
 
 class PairwiseTask(RecTask):
@@ -39,18 +39,16 @@ class PairwiseTask(RecTask):
         ks: Sequence[int] = (10, 20, 50),
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
-        if not has_encoders(net):
-            raise TypeError(
-                f"PairwiseTask needs encode_query() and encode_item(); {type(net).__name__} has not"
-            )
+        require_methods(net, "PairwiseTask")
         self.loss = loss if loss is not None else BPRLoss()
-        self._catalogue: Batch | None = None
+        self._catalogue: tuple[torch.device, Batch] | None = (
+            None  # the catalogue on the device it was moved to
+        )
 
     def _items(self, codes: Tensor) -> Batch:
-        if self._catalogue is None or self._catalogue_device != codes.device:
-            self._catalogue = self.context.catalogue().to(codes.device)
-            self._catalogue_device = codes.device
-        return self._catalogue.select(codes)
+        if self._catalogue is None or self._catalogue[0] != codes.device:
+            self._catalogue = (codes.device, self.context.catalogue().to(codes.device))
+        return self._catalogue[1].select(codes)
 
     def training_step(self, batch: Batch, batch_idx: int):
         query = self.net.encode_query(batch)  # (B, D)

@@ -25,10 +25,19 @@ from recsys_lab.data.batch import Batch, EvalTargets
 from recsys_lab.data.views import EvalContext, PairBuilder
 from recsys_lab.metrics import FullRankingMetrics
 
+ENCODERS = ("encode_query", "encode_item")
+
 
 def has_encoders(net: nn.Module) -> bool:
     """Whether the model scores queries and items apart (`encode_query` / `encode_item`)."""
-    return callable(getattr(net, "encode_query", None)) and callable(getattr(net, "encode_item", None))
+    return all(callable(getattr(net, name, None)) for name in ENCODERS)
+
+
+def require_methods(net: nn.Module, task: str, names: Sequence[str] = ENCODERS) -> None:
+    """A TypeError naming the task and the methods its model lacks."""
+    missing = [name for name in names if not callable(getattr(net, name, None))]
+    if missing:
+        raise TypeError(f"{task} needs a model with {', '.join(names)}; {type(net).__name__} lacks {missing}")
 
 
 class RankingEvaluation(nn.Module):

@@ -10,7 +10,7 @@ from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import RetrievalView
 from recsys_lab.tasks.base import RecTask
-from recsys_lab.tasks.ranking import has_encoders
+from recsys_lab.tasks.ranking import require_methods
 
 
 class RetrievalTask(RecTask):
@@ -36,10 +36,7 @@ class RetrievalTask(RecTask):
         ks: Sequence[int] = (10, 20, 50),
     ) -> None:
         super().__init__(net, schema, optimizer, scheduler, ks)
-        if not has_encoders(net):
-            raise TypeError(
-                f"RetrievalTask needs a model with encode_query() and encode_item(); {type(net).__name__} has not"
-            )
+        require_methods(net, "RetrievalTask")
         self.loss = loss
         # log of each item's share of training positives: the in-batch sampling probability for logQ correction
         self.register_buffer("log_q", schema.item_log_prob(), persistent=False)

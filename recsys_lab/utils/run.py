@@ -83,6 +83,15 @@ def best_score(trainer: pl.Trainer) -> float | None:
     return None if math.isnan(value) else value
 
 
+def monitor_mode(trainer: pl.Trainer, monitor: str) -> str:
+    """ "max" or "min" for `monitor`: the checkpoint callback's mode, so the best epoch of the timing is the
+    checkpointed one; without that callback, "min" for a loss and "max" otherwise."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.monitor == monitor:
+        return callback.mode
+    return "min" if monitor.endswith("loss") else "max"
+
+
 def git_commit() -> str:
     """HEAD of the code's repository, with '+dirty' when there are uncommitted changes; 'unknown' outside git."""
     root = Path(__file__).resolve().parents[2]
