@@ -252,8 +252,8 @@ class _Frames:
 
 def test_unmasked_full_ranking_keeps_re_consumed_targets(tmp_path):
     from recsys_lab.data.datamodule import RecDataModule
-    from recsys_lab.data.prepare import UnmaskedFullRanking
     from recsys_lab.data.processing import Preprocess
+    from recsys_lab.data.sampling import UnmaskedFullRanking
     from recsys_lab.data.splits import LeaveOneOutSplit
 
     # a: items 1, 2, 3, then 1 again (a re-watch) -> train 1, 2 / val 3 / test 1; b: 3, 4, 1, 2 -> test 2

@@ -231,36 +231,6 @@ class PreparedCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class UnmaskedFullRanking:
-    """Rank each query against the whole catalogue without masking what the user interacted with before.
-
-    RecBole's full ranking for sequential models (`repeatable: True`, set by its `sequential.yaml`): its
-    `FullSortEvalDataLoader` hands no history to mask for them, so an item the user saw before is ranked like
-    any other, and a target the user had consumed before is still a target. Only code 0 (unknown to training)
-    is masked. Select it with `data.eval_candidates: {_target_: recsys_lab.data.prepare.UnmaskedFullRanking}`;
-    the default `full` masks every earlier positive (RecBole's general models). Like `FullRanking`, it draws
-    no candidates.
-    """
-
-    name = "full_unmasked"
-    mask_seen = False
-
-    def candidates(
-        self,
-        query_users: torch.Tensor,
-        targets: Ragged,
-        exclude: Any,
-        n_items: int,
-        item_counts: torch.Tensor | None,
-        allowed: torch.Tensor | None = None,
-    ) -> None:
-        """No stored candidates: the whole catalogue is ranked (the same call as the other candidate sets)."""
-        return None
-
-    def describe(self) -> dict:
-        return {"eval_candidates": self.name}
-
-
 # ---- preparation -------------------------------------------------------------------------------------------
 def prepare(
     raw: RawData,

@@ -321,13 +321,18 @@ def negatives_from_spec(spec: Any) -> UniformNegatives | PopularityNegatives | N
 
 
 def candidates_from_spec(spec: Any, seed: int) -> FullRanking | SampledRanking:
-    """`data.eval_candidates`: None / "full", a candidates object, or "uniform_N" / "popularity_N"."""
+    """`data.eval_candidates`: None / "full", "full_unmasked", a candidates object, or "uniform_N" /
+    "popularity_N"."""
     if spec is None or spec == "full":
         return FullRanking()
+    if spec == UnmaskedFullRanking.name:
+        return UnmaskedFullRanking()
     if not isinstance(spec, str):
         return spec
     kind, n = _parse_spec(
-        spec, "data.eval_candidates", "'full', 'uniform_N' or 'popularity_N' (e.g. uniform_100)"
+        spec,
+        "data.eval_candidates",
+        "'full', 'full_unmasked', 'uniform_N' or 'popularity_N' (e.g. uniform_100)",
     )
     return SampledRanking(kind=kind, n=n, seed=seed)
 
@@ -397,6 +402,7 @@ class FullRanking:
     """Rank each query against the whole catalogue, the user's seen items masked (no candidates drawn)."""
 
     name = "full"
+    mask_seen = True
 
     def candidates(
         self,
@@ -411,6 +417,20 @@ class FullRanking:
 
     def describe(self) -> dict:
         return {"eval_candidates": self.name}
+
+
+class UnmaskedFullRanking(FullRanking):
+    """Rank each query against the whole catalogue without masking what the user interacted with before
+    (`data.eval_candidates=full_unmasked`).
+
+    RecBole's full ranking for sequential models (`repeatable: True`, set by its `sequential.yaml`): its
+    `FullSortEvalDataLoader` hands no history to mask for them, so an item the user saw before is ranked like
+    any other, and a target the user had consumed before is still a target. Only code 0 (unknown to training)
+    is masked. `full` masks every earlier positive (RecBole's general models).
+    """
+
+    name = "full_unmasked"
+    mask_seen = False
 
 
 class SampledRanking:
