@@ -62,7 +62,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
     task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(
         net=net, schema=datamodule.schema
     )
-    view = datamodule.use_view(task.view)
+    # a model that reads ids only says so (`reads_history = False`): its batches skip the history gathering
+    view = datamodule.use_view(task.view, reads_history=getattr(net, "reads_history", True))
     task.connect(view.eval_context())
     check_optimizer(task)
     return datamodule, task

@@ -122,6 +122,12 @@ def test_model_contract(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model(batch), rtol=0, atol=0)
 
+    # a model that declares it reads ids only gets batches without history features: it must not need them
+    if not getattr(model, "reads_history", True):
+        bare = Batch(sparse=batch.sparse, seq={}, dense=batch.dense, labels=batch.labels)
+        with torch.no_grad():
+            torch.testing.assert_close(model(bare), model(batch), rtol=0, atol=0)
+
     # retrieval models: encodings of the right shapes, and forward is their row-wise dot product
     if hasattr(model, "encode_query") and hasattr(model, "encode_item"):
         with torch.no_grad():

@@ -77,6 +77,32 @@ def test_pair_scorers_have_no_encoders():
     assert has_encoders(GMF(schema))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: NCFMLP(s, embedding_dim=4, hidden=[6, 3]),
+        lambda s: NeuMF(s, gmf_dim=3, mlp_embedding_dim=4, mlp_hidden=[6, 5, 2], dropout=0.3),
+    ],
+    ids=["mlp", "neumf"],
+)
+def test_score_items_equals_forward_pair_by_pair(make):
+    # ranking scores a query's candidates with score_items (the first layer split into a user and an item half);
+    # it must give what forward gives on each (user, item) row, repeated items and all
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = make(schema)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    model.eval()
+    users = torch.tensor([1, 4, 2])
+    items = torch.tensor([[0, 3, 3, 7], [5, 1, 2, 6], [7, 7, 0, 4]])  # (B, C)
+    with torch.no_grad():
+        fast = model.score_items(Batch(sparse={"user_id": users}), items)
+        slow = model(ids(users.repeat_interleave(4).tolist(), items.reshape(-1).tolist())).view(3, 4)
+    assert fast.shape == (3, 4)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("task", [PairwiseTask, FittedTask])
 def test_encoder_tasks_name_what_a_pair_scorer_lacks(task):
     with pytest.raises(

@@ -1,6 +1,6 @@
 """RankingEvaluation against hand-computed cases: code 0 (unknown items) and the user's seen items are masked,
-sampled candidates are ranked among themselves with their padding masked, and the encoder path (q @ items.T)
-and the pair path (forward on built (query, candidate) rows) agree."""
+sampled candidates are ranked among themselves with their padding masked, and the encoder path (q @ items.T),
+the pair path (forward on built (query, candidate) rows) and a model's own `score_items` agree."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ class PairScores(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return SCORES[batch.sparse["user_id"], batch.sparse["item_id"]]
+
+
+class ItemScores(nn.Module):
+    """score_items(query batch, item codes (B, C)) = SCORES[user, codes]; no forward, so the pair path would fail."""
+
+    def score_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
+        return SCORES[batch.sparse["user_id"]].gather(1, items)
 
 
 def pairs(users: torch.Tensor, codes: torch.Tensor, stage: str) -> Batch:
@@ -93,7 +100,9 @@ FULL = {
 }
 
 
-@pytest.mark.parametrize("net", [EncoderScores(), PairScores()], ids=["encoders", "pairs"])
+@pytest.mark.parametrize(
+    "net", [EncoderScores(), PairScores(), ItemScores()], ids=["encoders", "pairs", "score_items"]
+)
 def test_full_ranking_masks_code_zero_and_seen_items(net):
     got = evaluate(net, query_batch())
     assert got == pytest.approx(FULL, abs=1e-6)
@@ -117,7 +126,9 @@ SAMPLED = {
 }
 
 
-@pytest.mark.parametrize("net", [EncoderScores(), PairScores()], ids=["encoders", "pairs"])
+@pytest.mark.parametrize(
+    "net", [EncoderScores(), PairScores(), ItemScores()], ids=["encoders", "pairs", "score_items"]
+)
 def test_sampled_candidates_rank_among_themselves_with_padding_masked(net):
     candidates = seq([[2, 1, 4], [5, 2, 3, 1, 4]])  # user 0's row is padded with two code-0 slots (score 10)
     got = evaluate(net, query_batch(candidates))

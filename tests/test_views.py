@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from recsys_lab.data.batch import Batch
-from recsys_lab.data.views import CTRView, EvalContext, RetrievalView
+from recsys_lab.data.views import CTRView, EvalContext, PairwiseView, RetrievalView
 from recsys_lab.metrics.reference import reference_aucs
 from tests.datamodule_fixtures import (  # noqa: F401  (fixtures)
     CONTEXT_COLS,
@@ -88,6 +88,32 @@ def test_ranking_context_catalogue_and_pairs(dm, retrieval):
     assert torch.equal(
         pairs.dense["price"], dm.store.items.dense["price"][dm.store.item_entity[codes.reshape(-1)]]
     )
+
+
+def test_a_model_reading_ids_only_gets_batches_without_histories(dm):
+    # (MF-BPR, LightGCN, EASE, NCF declare reads_history = False): the same rows and ids, no hist_* features
+    full = dm.use_view(PairwiseView)
+    try:
+        bare = dm.use_view(PairwiseView, reads_history=False)
+        assert full.describe()["history_gathered"] and not bare.describe()["history_gathered"]
+        index = list(range(20))
+        with_hist, without = (
+            full.train_dataset().__getitems__(index),
+            bare.train_dataset().__getitems__(index),
+        )
+        assert "hist_item_id" in with_hist.seq and without.seq == {}
+        assert with_hist.sparse.keys() == without.sparse.keys()
+        for name, ids in with_hist.sparse.items():
+            assert torch.equal(ids, without.sparse[name]), name
+        targets = dm.queries["test"].eval_targets(torch.arange(3))
+        assert bare.store.query_batch(targets, level=1).seq == {}
+        pairs = bare.eval_context().pairs(
+            dm.queries["test"].users[:2], torch.tensor([[1, 2], [3, 4]]), "test"
+        )
+        assert pairs.seq == {} and len(pairs) == 4
+        assert dm.store.gather_history  # the DataModule's own store is untouched
+    finally:
+        dm.use_view(CTRView)
 
 
 def test_retrieval_train_rows_are_training_clicks(dm, ref, retrieval):

@@ -212,8 +212,9 @@ class RecDataModule(pl.LightningDataModule):
         return rows, queries
 
     # ---- the view a task trains on -------------------------------------------------------------------------
-    def use_view(self, view_type: type[View]) -> View:
-        """Build `view_type` over the prepared tables; the loaders serve it from now on."""
+    def use_view(self, view_type: type[View], reads_history: bool = True) -> View:
+        """Build `view_type` over the prepared tables; the loaders serve it from now on. With `reads_history`
+        False (a model that reads ids only) its batches carry no `hist_*` features."""
         self.setup()
         oracle_column = self.prepared().meta.oracle
         oracle = (
@@ -221,7 +222,8 @@ class RecDataModule(pl.LightningDataModule):
             if oracle_column
             else None
         )
-        data = ViewData(self.store, self.rows, self.queries, self.negatives, self.ctr_eval, oracle, self.seed)
+        store = self.store if reads_history else self.store.without_history()
+        data = ViewData(store, self.rows, self.queries, self.negatives, self.ctr_eval, oracle, self.seed)
         self._view = view_type(data)
         return self._view
 

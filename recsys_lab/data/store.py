@@ -7,6 +7,7 @@ feature name — the `hist_*` behaviour sequences included — is defined in one
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,9 @@ class FeatureStore:
         history_len: L, the most recent positives a batch carries.
         history_features: item categorical columns gathered along the history besides the item id.
         text: tokenized item texts (indexed by entity), when a language model is used.
+        gather_history: False leaves the `hist_*` features (and text pairs) out of every batch: for models
+            that read ids only (`reads_history = False`), whose training batches would otherwise spend most
+            of their gathering on histories nobody reads. See `without_history`.
     """
 
     item_key = "item_id"
@@ -128,6 +132,7 @@ class FeatureStore:
         history_len: int,
         history_features: list[str],
         text: TextTables | None,
+        gather_history: bool = True,
     ) -> None:
         self.meta = meta
         self.users, self.items, self.item_entity = users, items, item_entity
@@ -141,6 +146,7 @@ class FeatureStore:
         )
         self.timelines, self.timeline_times, self.n_prior = timelines, timeline_times, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
+        self.gather_history = gather_history
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -286,11 +292,21 @@ class FeatureStore:
             history_len=self.history_len,
             history_features=self.history_features,
             text=self.text.to(device) if self.text is not None else None,
+            gather_history=self.gather_history,
         )
 
+    def without_history(self) -> FeatureStore:
+        """The same tables (shared, not copied) with batches that carry no history features."""
+        store = copy.copy(self)
+        store.gather_history = False
+        return store
+
     # ---- pieces ------------------------------------------------------------------------------------------
-    def _history_part(self, batch: Batch, users: Tensor, level: Tensor, n_prior: Tensor) -> Seq:
-        """Item-entity history of each row (its timeline level, `n_prior` entries), as codes and features."""
+    def _history_part(self, batch: Batch, users: Tensor, level: Tensor, n_prior: Tensor) -> Seq | None:
+        """Item-entity history of each row (its timeline level, `n_prior` entries), as codes and features;
+        nothing (None) when the store gathers no history."""
+        if not self.gather_history:
+            return None
         L = self.history_len
         zeros = torch.zeros(len(users), L, dtype=torch.long, device=users.device)
         hist = Seq(zeros, torch.zeros_like(users), zeros.clone())  # item entities, lengths, timestamps
@@ -318,7 +334,7 @@ class FeatureStore:
         hist = self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         for name, column in self.labels.items():
             batch.labels[name] = column[rows]
-        if self.text is not None:
+        if self.text is not None and hist is not None:
             batch.text = self.text.pair_inputs(hist, items)
         return batch
 
@@ -342,7 +358,7 @@ class FeatureStore:
         negatives.labels = {k: torch.zeros_like(v) for k, v in negatives.labels.items()}
         return Batch.concat([positives, negatives])
 
-    def _query_part(self, users: Tensor, level: int) -> tuple[Batch, Seq]:
+    def _query_part(self, users: Tensor, level: int) -> tuple[Batch, Seq | None]:
         """A query as of an evaluation cutoff: user features, unknown context (code 0) and every positive of
         timeline `level` as history. Returns the batch and the history as item entities."""
         batch = Batch()
@@ -367,7 +383,7 @@ class FeatureStore:
         items = self.item_entity[codes.reshape(-1)]  # (B*C,)
         batch, hist = self._query_part(users, level)
         self.items.into(batch, items)
-        if self.text is not None:
+        if self.text is not None and hist is not None:
             batch.text = self.text.pair_inputs(hist, items)
         return batch
 

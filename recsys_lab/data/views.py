@@ -161,6 +161,7 @@ class View:
         return {
             "evaluation": self.evaluation,
             "eval_candidates": meta.eval_candidates if self.evaluation == "ranking" else "logged impressions",
+            "history_gathered": self.store.gather_history,
         }
 
     def _check_evaluable(self, stage: str) -> None:

@@ -36,6 +36,8 @@ class EASE(nn.Module):
     encode_query(batch) -> (B, V); encode_item(item batch) -> (N, V); forward(batch) -> (B,), their row-wise dot.
     """
 
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+
     def __init__(self, schema: Schema, l2: float = 250.0, max_items: int = 50_000) -> None:
         super().__init__()
         U, V = schema.num_users, schema.num_items

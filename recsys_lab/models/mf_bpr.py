@@ -27,6 +27,8 @@ class MFBPR(nn.Module):
     forward(batch) -> (B,), the row-wise dot product of the two.
     """
 
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+
     def __init__(self, schema: Schema, embedding_dim: int = 64, item_bias: bool = False) -> None:
         super().__init__()
         self.user_key, self.item_key = schema.user_id, schema.item_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
@@ -58,6 +59,20 @@ class MLPBranch(nn.Module):
         pair = torch.cat([self.user(batch.sparse[self.user_key]), self.item(batch.sparse[self.item_key])], -1)
         return self.tower(pair)  # (B, 2 * embedding_dim) -> (B, hidden[-1])
 
+    def candidates(self, users: Tensor, items: Tensor) -> Tensor:
+        """forward's output for every (user b, item items[b, c]) pair: users (B,), items (B, C) -> (B, C, h).
+
+        The first layer is linear in the concatenation, W [p; q] + b = (W_p p + b) + W_q q, so its user half is
+        computed once per user and its item half once per distinct candidate, instead of once per pair: for a
+        full catalogue that removes the widest matrix product (2E x H1 per pair) from ranking.
+        """
+        first, rest = self.tower.layers[0], self.tower.layers[1:]  # Linear(2E, H1), then activation, ...
+        E = self.user.embedding_dim
+        user_part = F.linear(self.user(users), first.weight[:, :E], first.bias)  # (B, H1)
+        distinct, index = items.unique(return_inverse=True)  # (U,), (B, C)
+        item_part = F.linear(self.item(distinct), first.weight[:, E:])  # (U, H1)
+        return rest(user_part.unsqueeze(1) + item_part[index])  # (B, C, H1) -> (B, C, h)
+
 
 class GMF(nn.Module):
     """Generalized Matrix Factorization, NCF's linear model (He et al., WWW 2017, "Neural Collaborative
@@ -72,6 +87,8 @@ class GMF(nn.Module):
 
     forward(batch) -> logits (B,); encode_query(batch) -> (B, k + 1); encode_item(item batch) -> (N, k + 1).
     """
+
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
 
     def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
         super().__init__()
@@ -106,6 +123,8 @@ class NCFMLP(nn.Module):
     forward(batch) -> logits (B,).
     """
 
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+
     def __init__(
         self,
         schema: Schema,
@@ -119,6 +138,11 @@ class NCFMLP(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.output(self.branch(batch)).squeeze(-1)  # (B,)
+
+    def score_items(self, batch: Batch, items: Tensor) -> Tensor:
+        """Logits of each query's candidates: batch with B users, items (B, C) item codes -> (B, C)."""
+        users = batch.sparse[self.branch.user_key]
+        return self.output(self.branch.candidates(users, items)).squeeze(-1)
 
 
 def load_net_state(path: str, expected: type[nn.Module], schema: Schema, recipe: str) -> dict[str, Tensor]:
@@ -170,6 +194,8 @@ class NeuMF(nn.Module):
     forward(batch) -> logits (B,).
     """
 
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+
     def __init__(
         self,
         schema: Schema,
@@ -216,3 +242,15 @@ class NeuMF(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         fused = torch.cat([self.gmf(batch), self.mlp(batch)], dim=-1)  # (B, k_gmf + k_mlp)
         return self.output(fused).squeeze(-1)  # (B,)
+
+    def score_items(self, batch: Batch, items: Tensor) -> Tensor:
+        """Logits of each query's candidates, as forward would give them pair by pair: batch with B users,
+        items (B, C) item codes -> (B, C). The MLP branch shares its first layer across pairs
+        (`MLPBranch.candidates`); the GMF part is h_GMF · (p_u ⊙ q_i) = (h_GMF ⊙ p_u) · q_i."""
+        users = batch.sparse[self.gmf.user_key]
+        k = self.gmf.output_dim
+        h_gmf, h_mlp = self.output.weight[0, :k], self.output.weight[0, k:]  # (k_gmf,), (k_mlp,)
+        p = self.gmf.user(users) * h_gmf  # (B, k_gmf)
+        gmf = torch.einsum("bk,bck->bc", p, self.gmf.item(items))  # (B, C)
+        mlp = self.mlp.candidates(users, items) @ h_mlp  # (B, C, k_mlp) -> (B, C)
+        return gmf + mlp + self.output.bias

@@ -20,6 +20,8 @@ class Popularity(nn.Module):
         schema: needs `item_counts` (fitted by the DataModule on the training split).
     """
 
+    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+
     def __init__(self, schema: Schema) -> None:
         super().__init__()
         if schema.item_counts is None:

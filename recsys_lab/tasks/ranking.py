@@ -6,6 +6,9 @@ fastest path the model offers:
 
 * `encode_query` / `encode_item` models: the catalogue is encoded once per evaluation epoch and each query
   batch is one chunk of the score matrix, `q @ items.T` (full) or a gather of candidate rows (sampled);
+* models that score pairs but can share work across a query's candidates offer `score_items(query batch,
+  items (B, C) item codes) -> (B, C)` logits (NCF's MLP and NeuMF: the first layer's user half once per
+  user), called in chunks of at most `pair_chunk` (query, candidate) pairs;
 * any other model (`forward(batch) -> logits`): (query, candidate) rows come from the view's `PairBuilder`
   and are scored in chunks of at most `pair_chunk` rows.
 
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from recsys_lab.data.batch import Batch, EvalTargets
+from recsys_lab.data.batch import Batch
 from recsys_lab.data.views import EvalContext, PairBuilder
 from recsys_lab.metrics import FullRankingMetrics
 
@@ -76,12 +79,17 @@ class RankingEvaluation(nn.Module):
             )  # (V, D)
 
     def _pair_scores(
-        self, net: nn.Module, pairs: PairBuilder, query: EvalTargets, codes: Tensor, stage: str
+        self, net: nn.Module, pairs: PairBuilder, batch: Batch, codes: Tensor, stage: str
     ) -> Tensor:
-        """(B, C) logits of (query, candidate) rows, chunked over candidates."""
+        """(B, C) logits of (query, candidate) pairs, chunked over candidates: by the model's `score_items` where
+        it has one, else by `forward` on (query, candidate) rows from the view's PairBuilder."""
         B, C = codes.shape
         step = max(1, self.pair_chunk // max(B, 1))
-        parts = [net(pairs(query.user, codes[:, s : s + step], stage)).view(B, -1) for s in range(0, C, step)]
+        if callable(getattr(net, "score_items", None)):
+            parts = [net.score_items(batch, codes[:, s : s + step]) for s in range(0, C, step)]
+        else:
+            user = batch.eval.user
+            parts = [net(pairs(user, codes[:, s : s + step], stage)).view(B, -1) for s in range(0, C, step)]
         return torch.cat(parts, 1)
 
     def scores(
@@ -100,7 +108,7 @@ class RankingEvaluation(nn.Module):
                 q = net.encode_query(batch)  # (B, D)
                 scores = (q.unsqueeze(1) * self._items[cands.ids]).sum(-1)  # (B, C)
             else:
-                scores = self._pair_scores(net, pairs, query, cands.ids, stage)
+                scores = self._pair_scores(net, pairs, batch, cands.ids, stage)
             position = torch.arange(cands.ids.shape[1], device=scores.device).unsqueeze(0)  # (1, C)
             scores = scores.masked_fill(~cands.mask(), float("-inf"))
             return scores, position < targets.lengths.unsqueeze(1)
@@ -108,7 +116,7 @@ class RankingEvaluation(nn.Module):
             scores = net.encode_query(batch) @ self._items.T  # (B, V)
         else:
             codes = torch.arange(num_items, device=targets.ids.device).expand(B, num_items)
-            scores = self._pair_scores(net, pairs, query, codes, stage)
+            scores = self._pair_scores(net, pairs, batch, codes, stage)
         V = scores.shape[1]
         # padded positions point at code 0, which is masked anyway: a scratch column keeps them harmless
         scores = torch.cat([scores, scores.new_zeros(B, 1)], 1)  # (B, V + 1)
