@@ -19,6 +19,8 @@ from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.models.bert4rec import BERT4Rec
 from recsys_lab.models.bert_cross_encoder import BERTCrossEncoder
+from recsys_lab.models.dcnv2 import DCNv2
+from recsys_lab.models.deepfm import DeepFM
 from recsys_lab.models.din import DIN
 from recsys_lab.models.ease import EASE
 from recsys_lab.models.gru4rec import GRU4Rec
@@ -57,6 +59,23 @@ def text_batch(schema: Schema) -> Batch:
 
 MODELS: dict[str, Case] = {
     "din": Case(lambda schema, _: DIN(schema, embedding_dim=4, attention_hidden=[8, 4], mlp_hidden=[8, 4])),
+    "deepfm": Case(lambda schema, _: DeepFM(schema, embedding_dim=4, mlp_hidden=[8, 4], dropout=0.1)),
+    "dcnv2": Case(
+        lambda schema, _: DCNv2(schema, embedding_dim=4, num_cross_layers=2, mlp_hidden=[8], dropout=0.1)
+    ),
+    "dcnv2_parallel": Case(
+        lambda schema, _: DCNv2(
+            schema, embedding_dim=4, num_cross_layers=2, mlp_hidden=[8], structure="parallel"
+        )
+    ),
+    "dcnv2_mixture": Case(
+        lambda schema, _: DCNv2(
+            schema, embedding_dim=4, num_cross_layers=2, mlp_hidden=[8], low_rank=3, num_experts=3
+        )
+    ),
+    "dcnv2_low_rank": Case(  # one expert: no gate
+        lambda schema, _: DCNv2(schema, embedding_dim=4, num_cross_layers=1, mlp_hidden=[], low_rank=2)
+    ),
     "two_tower": Case(lambda schema, _: TwoTower(schema, embedding_dim=4, tower_hidden=[8], output_dim=6)),
     "bert_cross_encoder": Case(
         lambda schema, folder: BERTCrossEncoder(schema, pretrained=build_tiny_bert(folder / "bert")),

@@ -21,6 +21,8 @@ from tests.helpers import REPO, SMALL_DATA, model_overrides
 
 MODELS = [
     "din",
+    "deepfm",
+    "dcnv2",
     "two_tower",
     "bert_cross_encoder",
     "popularity",
@@ -36,7 +38,7 @@ MODELS = [
     "lightgcn",
     "ease",
 ]
-CTR_MODELS = {"din", "bert_cross_encoder", "popularity", "gmf", "mlp", "neumf"}
+CTR_MODELS = {"din", "deepfm", "dcnv2", "bert_cross_encoder", "popularity", "gmf", "mlp", "neumf"}
 
 
 def test_every_model_config_is_covered():
