@@ -19,6 +19,8 @@ RANKING_KEYS = {
     f"test/{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr") for k in (10, 20, 50)
 } | {"test/mrr"}
 IMPRESSION_KEYS = {f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")}
+# a multi-task model also logs every metric per label (the simulator's two)
+PER_LABEL_KEYS = {f"test/{t}/{k}" for t in ("click", "purchase") for k in ("auc", "gauc", "logloss")}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,11 @@ def test_model_and_data_configs_compose_and_run(model, data, files, make_cfg, tm
     protocol, metrics = results["protocol"], results["metrics"]
     assert protocol["leakage_audit"]["status"] == "passed"
     # the simulator's CTR models are scored on logged impressions, everything else by ranking
-    impressions = data.startswith("ecommerce") and results["task"].endswith("CTRTask")
+    multitask = results["task"].endswith("MultiTaskTask")
+    impressions = data.startswith("ecommerce") and (results["task"].endswith("CTRTask") or multitask)
     assert protocol["evaluation"] == ("impressions" if impressions else "ranking")
-    assert set(metrics) == (IMPRESSION_KEYS if impressions else RANKING_KEYS)
+    if impressions:
+        assert set(metrics) == (IMPRESSION_KEYS | PER_LABEL_KEYS if multitask else IMPRESSION_KEYS)
+    else:
+        assert set(metrics) == RANKING_KEYS
     assert Path(results["output_dir"], "results.json").exists()

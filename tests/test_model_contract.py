@@ -23,13 +23,17 @@ from recsys_lab.models.dcnv2 import DCNv2
 from recsys_lab.models.deepfm import DeepFM
 from recsys_lab.models.din import DIN
 from recsys_lab.models.ease import EASE
+from recsys_lab.models.esmm import ESMM
 from recsys_lab.models.gru4rec import GRU4Rec
 from recsys_lab.models.hstu import HSTU
 from recsys_lab.models.lightgcn import LightGCN
 from recsys_lab.models.mf_bpr import MFBPR
+from recsys_lab.models.mmoe import MMoE
 from recsys_lab.models.neumf import GMF, NCFMLP, NeuMF
+from recsys_lab.models.ple import PLE
 from recsys_lab.models.popularity import Popularity
 from recsys_lab.models.sasrec import SASRec
+from recsys_lab.models.shared_bottom import SharedBottom
 from recsys_lab.models.two_tower import TwoTower
 from recsys_lab.utils.testing import random_batch, tiny_schema
 from recsys_lab.utils.testing_text import build_tiny_bert
@@ -76,6 +80,29 @@ MODELS: dict[str, Case] = {
     "dcnv2_low_rank": Case(  # one expert: no gate
         lambda schema, _: DCNv2(schema, embedding_dim=4, num_cross_layers=1, mlp_hidden=[], low_rank=2)
     ),
+    # multi-task rankers: forward_heads over the schema's labels (click, purchase), forward = the first head
+    "shared_bottom": Case(
+        lambda schema, _: SharedBottom(
+            schema, embedding_dim=4, bottom_hidden=[8], tower_hidden=[4], dropout=0.1
+        )
+    ),
+    "mmoe": Case(
+        lambda schema, _: MMoE(
+            schema, embedding_dim=4, num_experts=3, expert_hidden=[8, 6], tower_hidden=[4], dropout=0.1
+        )
+    ),
+    "ple": Case(
+        lambda schema, _: PLE(
+            schema,
+            embedding_dim=4,
+            num_levels=2,
+            num_specific_experts=1,
+            num_shared_experts=2,
+            expert_hidden=[6],
+            tower_hidden=[4],
+        )
+    ),
+    "esmm": Case(lambda schema, _: ESMM(schema, embedding_dim=4, tower_hidden=[8, 4], dropout=0.1)),
     "two_tower": Case(lambda schema, _: TwoTower(schema, embedding_dim=4, tower_hidden=[8], output_dim=6)),
     "bert_cross_encoder": Case(
         lambda schema, folder: BERTCrossEncoder(schema, pretrained=build_tiny_bert(folder / "bert")),
@@ -129,9 +156,11 @@ def test_model_contract(name: str, tmp_path: Path) -> None:
     assert logits.dtype.is_floating_point
     assert torch.isfinite(logits).all()
 
-    # every parameter is used: a finite gradient reaches it (a closed-form model has none)
+    # every parameter is used: a finite gradient reaches it (a closed-form model has none); a multi-task model's
+    # parameters are reached through all its heads, one per label of the schema
+    heads = model.forward_heads(batch) if hasattr(model, "forward_heads") else {"": logits}
     if any(True for _ in model.parameters()):
-        logits.sum().backward()
+        sum(h.sum() for h in heads.values()).backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None, f"{name}: no gradient for {param_name}"
         assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient for {param_name}"
@@ -140,6 +169,15 @@ def test_model_contract(name: str, tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model(batch), rtol=0, atol=0)
+
+    # multi-task models: one (B,) head per label, in the order of `labels`, and forward is the first head
+    if hasattr(model, "forward_heads"):
+        assert list(heads) == model.labels == schema.labels
+        with torch.no_grad():
+            eval_heads = model.forward_heads(batch)
+            for head in eval_heads.values():
+                assert head.shape == (len(batch),) and torch.isfinite(head).all()
+            torch.testing.assert_close(model(batch), eval_heads[model.labels[0]], rtol=0, atol=0)
 
     # a model that declares it reads ids only gets batches without history features: it must not need them
     if not getattr(model, "reads_history", True):

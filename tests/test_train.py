@@ -23,6 +23,10 @@ MODELS = [
     "din",
     "deepfm",
     "dcnv2",
+    "shared_bottom",
+    "mmoe",
+    "ple",
+    "esmm",
     "two_tower",
     "bert_cross_encoder",
     "popularity",
@@ -39,6 +43,10 @@ MODELS = [
     "ease",
 ]
 CTR_MODELS = {"din", "deepfm", "dcnv2", "bert_cross_encoder", "popularity", "gmf", "mlp", "neumf"}
+# scored on impressions like the CTR models, with the same metrics per label as well (`test/<label>/auc`)
+MULTITASK_MODELS = {"shared_bottom", "mmoe", "ple", "esmm"}
+CTR_KEYS = {f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")}
+PER_LABEL_KEYS = {f"test/{t}/{k}" for t in ("click", "purchase") for k in ("auc", "gauc", "logloss")}
 
 
 def test_every_model_config_is_covered():
@@ -51,10 +59,8 @@ def test_fast_dev_run(model, make_cfg, tmp_path):
     cfg = make_cfg([*model_overrides(model, tmp_path), "debug=fast_dev_run"])
     results = train(cfg)
     metrics = results["metrics"]
-    if model in CTR_MODELS:
-        assert set(metrics) == {
-            f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")
-        }
+    if model in CTR_MODELS | MULTITASK_MODELS:
+        assert set(metrics) == (CTR_KEYS | PER_LABEL_KEYS if model in MULTITASK_MODELS else CTR_KEYS)
         # the reference scorers are computed on the whole test split: the truth beats popularity there
         assert metrics["test/oracle_auc"] > metrics["test/popularity_auc"] + 0.05
         assert metrics["test/logloss"] > 0
