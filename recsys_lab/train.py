@@ -22,6 +22,7 @@ from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.tasks.base import RecTask
 from recsys_lab.utils.callbacks import RandomState, TrainingClock
 from recsys_lab.utils.checks import (
+    ModelMismatchError,
     check_metric_names,
     check_optimizer,
     load_checkpoint,
@@ -147,7 +148,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
-    except (ValueError, RuntimeError, OSError, InstantiationException) as err:
+    except (ValueError, RuntimeError, OSError, InstantiationException, ModelMismatchError) as err:
         # Bad input (a config value, a data file, a cache, a checkpoint) is one clear line, no traceback.
         message = user_error_message(err)
         if message is None or os.environ.get("RECSYS_LAB_TRACEBACK"):

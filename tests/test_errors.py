@@ -32,6 +32,22 @@ def _truncated(tmp_path: Path) -> str:
 # (case, model, overrides (a callable of tmp_path where a file is needed), expected message)
 CASES = [
     (
+        "a pair scorer under a task that needs encoders",
+        "mf_bpr",
+        lambda t: [
+            "model.net._target_=recsys_lab.models.neumf.NeuMF",
+            "~model.net.embedding_dim",
+            "~model.net.item_bias",
+        ],
+        r"^error: PairwiseTask needs a model with encode_query, encode_item; NeuMF lacks",
+    ),
+    (
+        "a single-head model under the multi-task task",
+        "mmoe",
+        lambda t: ["~model.net", "+model.net={_target_: recsys_lab.models.deepfm.DeepFM, embedding_dim: 4}"],
+        r"^error: MultiTaskTask needs a multi-task model .*DeepFM lacks forward_heads",
+    ),
+    (
         "closed-form model under DDP",
         "ease",
         lambda t: ["trainer=ddp_cpu"],

@@ -13,6 +13,7 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import CTRView
 from recsys_lab.metrics import CTRMetrics
 from recsys_lab.tasks.base import RecTask
+from recsys_lab.utils.checks import ModelMismatchError
 
 IMPRESSION_METRICS = ("auc", "gauc", "logloss")
 
@@ -107,7 +108,7 @@ class MultiTaskTask(RecTask):
     ) -> None:
         if not callable(getattr(net, "forward_heads", None)) or not hasattr(net, "labels"):
             lacks = "forward_heads(batch)" if not hasattr(net, "forward_heads") else "a `labels` attribute"
-            raise TypeError(
+            raise ModelMismatchError(
                 f"MultiTaskTask needs a multi-task model (forward_heads(batch) -> {{label: logits}} and its "
                 f"head labels in `labels`); {type(net).__name__} lacks {lacks}. Train it with CTRTask, or use "
                 "model=shared_bottom / mmoe / ple / esmm"

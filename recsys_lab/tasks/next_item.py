@@ -27,6 +27,7 @@ from recsys_lab.data.store import history_feature
 from recsys_lab.data.views import PrefixSequenceView, SequenceView
 from recsys_lab.tasks.base import RecTask
 from recsys_lab.tasks.ranking import require_methods
+from recsys_lab.utils.checks import ModelMismatchError
 
 SEQUENCE = history_feature("item_id")  # the item sequence every sequence model reads
 
@@ -102,7 +103,7 @@ class MaskedItemTask(NextItemTask):
     ) -> None:
         super().__init__(net, schema, optimizer, loss, scheduler, ks)
         if not isinstance(getattr(net, "mask_id", None), int):
-            raise TypeError(
+            raise ModelMismatchError(
                 f"MaskedItemTask needs a model with an integer mask_id; {type(net).__name__} has none"
             )
         if not 0.0 < mask_ratio < 1.0:

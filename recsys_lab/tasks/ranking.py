@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.views import EvalContext, PairBuilder
 from recsys_lab.metrics import FullRankingMetrics
+from recsys_lab.utils.checks import ModelMismatchError
 
 ENCODERS = ("encode_query", "encode_item")
 
@@ -37,10 +38,12 @@ def has_encoders(net: nn.Module) -> bool:
 
 
 def require_methods(net: nn.Module, task: str, names: Sequence[str] = ENCODERS) -> None:
-    """A TypeError naming the task and the methods its model lacks."""
+    """A ModelMismatchError (a TypeError) naming the task and the methods its model lacks."""
     missing = [name for name in names if not callable(getattr(net, name, None))]
     if missing:
-        raise TypeError(f"{task} needs a model with {', '.join(names)}; {type(net).__name__} lacks {missing}")
+        raise ModelMismatchError(
+            f"{task} needs a model with {', '.join(names)}; {type(net).__name__} lacks {missing}"
+        )
 
 
 class RankingEvaluation(nn.Module):

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what was expected."""
 
 
+class ModelMismatchError(TypeError):
+    """A model config paired with a task it cannot serve (a pair scorer under a task that needs encoders, a
+    single-head model under the multi-task task); the message names the model and what it lacks."""
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject values Lightning or torch would accept with a surprising meaning (max_epochs=-1 trains forever),
     or reject only after the data is prepared (a negative learning rate)."""
@@ -130,6 +135,8 @@ def user_error_message(err: BaseException) -> str | None:
         return user_error_message(err.__cause__)
     if isinstance(err, ConfigError):
         return f"config error: {err}"
+    if isinstance(err, ModelMismatchError):
+        return f"error: {err}"
     if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return f"error: {err}"
     if isinstance(err, (ValueError, RuntimeError)) and _raised_by_recsys_lab(err):
