@@ -97,6 +97,24 @@ def test_overfit_batches_drives_loss_down(make_cfg, tmp_path):
     assert loss[-4:].mean() < 0.25 * loss[:4].mean()
 
 
+def test_training_values_are_logged_when_the_logger_writes_and_at_each_epoch_end(monkeypatch):
+    # self.log costs about as much as an MF-BPR step: tasks log at the logger's cadence, plus the epoch's last
+    # batch so that every epoch has a value
+    from types import SimpleNamespace
+
+    from recsys_lab.models.mf_bpr import MFBPR
+    from recsys_lab.tasks.pairwise import PairwiseTask
+    from recsys_lab.utils.testing import tiny_schema
+
+    task = PairwiseTask(MFBPR(tiny_schema(), embedding_dim=4), tiny_schema(), optimizer=None)
+    task._trainer = SimpleNamespace(log_every_n_steps=3, num_training_batches=7)
+    logged = []
+    monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.append((batch, name, kw["prog_bar"])))
+    for batch in range(7):
+        task.log_training({"train/loss": torch.tensor(1.0), "train/other": torch.tensor(2.0)}, batch, 8)
+    assert logged == [(b, n, n == "train/loss") for b in (2, 5, 6) for n in ("train/loss", "train/other")]
+
+
 def test_checkpoint_resume_evaluate_and_mismatch(make_cfg, tmp_path):
     base = [*model_overrides("din", tmp_path), "callbacks.early_stopping=null"]
     first = make_cfg([*base, "trainer.max_epochs=1"], run_dir=tmp_path / "first")

@@ -50,7 +50,7 @@ class CTRTask(RecTask):
     def training_step(self, batch: Batch, batch_idx: int):
         logits = self.net(batch)  # (B,)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.label])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log_training({"train/loss": loss}, batch_idx, len(batch))
         return loss
 
     def impression_metric_names(self) -> list[str]:

@@ -133,11 +133,10 @@ class MultiTaskTask(RecTask):
     def training_step(self, batch: Batch, batch_idx: int):
         losses = self.task_losses(batch)
         loss = self.weighting(losses)
-        n = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        values = {"train/loss": loss}
         for t, weight in self.weighting.weights().items():
-            self.log(f"train/{t}/loss", losses[t].detach(), batch_size=n)
-            self.log(f"train/{t}/weight", weight, batch_size=n)
+            values[f"train/{t}/loss"], values[f"train/{t}/weight"] = losses[t].detach(), weight
+        self.log_training(values, batch_idx, len(batch))
         return loss
 
     def impression_metric_names(self) -> list[str]:

@@ -71,7 +71,7 @@ class NextItemTask(RecTask):
         inputs, target = self.inputs_and_targets(batch)
         hidden = self.net.encode_sequence(inputs)  # (B, L, D)
         loss = self.loss(hidden[target.mask], target.ids[target.mask], self.net.item_table(), self.log_q)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(target.mask.sum()))
+        self.log_training({"train/loss": loss}, batch_idx, int(target.mask.sum()))
         return loss
 
 

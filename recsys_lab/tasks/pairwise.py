@@ -57,5 +57,5 @@ class PairwiseTask(RecTask):
         negatives = self.net.encode_item(self._items(codes.reshape(-1))).view(*codes.shape, -1)  # (B, n, D)
         negative = torch.einsum("bd,bnd->bn", query, negatives)  # (B, n)
         loss = self.loss(positive, negative)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(codes))
+        self.log_training({"train/loss": loss}, batch_idx, len(codes))
         return loss

@@ -45,5 +45,5 @@ class RetrievalTask(RecTask):
         query = self.net.encode_query(batch)  # (B, D)
         item = self.net.encode_item(batch)  # (B, D)
         loss = self.loss(query, item, batch.sparse[self.schema.item_id], self.log_q)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log_training({"train/loss": loss}, batch_idx, len(batch))
         return loss
