@@ -103,6 +103,28 @@ def test_score_items_equals_forward_pair_by_pair(make):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_branch_is_the_tower_on_the_concatenated_embeddings():
+    # MLPBranch computes the first layer as a user half plus an item half (once per distinct user / item);
+    # NCF's definition is the tower on [p_u, q_i]: both, in training mode too (dropout sits after the layer)
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = NeuMF(schema, gmf_dim=3, mlp_embedding_dim=4, mlp_hidden=[16, 8], dropout=0.0)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    branch = model.mlp
+    users, items = torch.tensor([1, 4, 1, 2, 4]), torch.tensor([3, 3, 7, 0, 5])  # repeated users and items
+    expected = branch.tower(torch.cat([branch.user(users), branch.item(items)], dim=-1))  # (5, 8)
+    assert (expected > 0).sum() >= 10  # ReLU outputs: enough live units for the comparison to mean something
+    torch.testing.assert_close(branch(ids(users.tolist(), items.tolist())), expected, rtol=1e-5, atol=1e-6)
+    grid = branch.pairs(users.unsqueeze(1), items.unsqueeze(0))  # every user x every item: (5, 5, 2)
+    torch.testing.assert_close(
+        grid[2, 4],
+        branch.tower(torch.cat([branch.user(users[2]), branch.item(items[4])])),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize("task", [PairwiseTask, FittedTask])
 def test_encoder_tasks_name_what_a_pair_scorer_lacks(task):
     with pytest.raises(

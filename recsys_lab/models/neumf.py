@@ -56,22 +56,25 @@ class MLPBranch(nn.Module):
         self.output_dim = self.tower.output_dim
 
     def forward(self, batch: Batch) -> Tensor:
-        pair = torch.cat([self.user(batch.sparse[self.user_key]), self.item(batch.sparse[self.item_key])], -1)
-        return self.tower(pair)  # (B, 2 * embedding_dim) -> (B, hidden[-1])
+        return self.pairs(batch.sparse[self.user_key], batch.sparse[self.item_key])  # (B, hidden[-1])
 
-    def candidates(self, users: Tensor, items: Tensor) -> Tensor:
-        """forward's output for every (user b, item items[b, c]) pair: users (B,), items (B, C) -> (B, C, h).
+    def pairs(self, users: Tensor, items: Tensor) -> Tensor:
+        """The tower's output for (user, item) pairs given as codes of broadcastable shapes: (B,) and (B,) for
+        rows, (B, 1) and (B, C) for each query's candidates -> (..., hidden[-1]).
 
         The first layer is linear in the concatenation, W [p; q] + b = (W_p p + b) + W_q q, so its user half is
-        computed once per user and its item half once per distinct candidate, instead of once per pair: for a
-        full catalogue that removes the widest matrix product (2E x H1 per pair) from ranking.
+        computed once per distinct user and its item half once per distinct item, instead of once per pair: a
+        training batch of positives and their negatives repeats each user 1 + n times and a catalogue ranking
+        repeats every item per query, and this layer (2E x H1) is the widest of the tower. The result is the
+        concatenated form's up to float rounding.
         """
         first, rest = self.tower.layers[0], self.tower.layers[1:]  # Linear(2E, H1), then activation, ...
         E = self.user.embedding_dim
-        user_part = F.linear(self.user(users), first.weight[:, :E], first.bias)  # (B, H1)
-        distinct, index = items.unique(return_inverse=True)  # (U,), (B, C)
-        item_part = F.linear(self.item(distinct), first.weight[:, E:])  # (U, H1)
-        return rest(user_part.unsqueeze(1) + item_part[index])  # (B, C, H1) -> (B, C, h)
+        user_codes, user_at = users.unique(return_inverse=True)  # (U,), users' shape
+        item_codes, item_at = items.unique(return_inverse=True)  # (I,), items' shape
+        user_part = F.linear(self.user(user_codes), first.weight[:, :E], first.bias)  # (U, H1)
+        item_part = F.linear(self.item(item_codes), first.weight[:, E:])  # (I, H1)
+        return rest(user_part[user_at] + item_part[item_at])  # (..., H1) -> (..., h)
 
 
 class GMF(nn.Module):
@@ -141,8 +144,8 @@ class NCFMLP(nn.Module):
 
     def score_items(self, batch: Batch, items: Tensor) -> Tensor:
         """Logits of each query's candidates: batch with B users, items (B, C) item codes -> (B, C)."""
-        users = batch.sparse[self.branch.user_key]
-        return self.output(self.branch.candidates(users, items)).squeeze(-1)
+        users = batch.sparse[self.branch.user_key].unsqueeze(1)  # (B, 1)
+        return self.output(self.branch.pairs(users, items)).squeeze(-1)
 
 
 def load_net_state(path: str, expected: type[nn.Module], schema: Schema, recipe: str) -> dict[str, Tensor]:
@@ -246,11 +249,11 @@ class NeuMF(nn.Module):
     def score_items(self, batch: Batch, items: Tensor) -> Tensor:
         """Logits of each query's candidates, as forward would give them pair by pair: batch with B users,
         items (B, C) item codes -> (B, C). The MLP branch shares its first layer across pairs
-        (`MLPBranch.candidates`); the GMF part is h_GMF · (p_u ⊙ q_i) = (h_GMF ⊙ p_u) · q_i."""
+        (`MLPBranch.pairs`); the GMF part is h_GMF · (p_u ⊙ q_i) = (h_GMF ⊙ p_u) · q_i."""
         users = batch.sparse[self.gmf.user_key]
         k = self.gmf.output_dim
         h_gmf, h_mlp = self.output.weight[0, :k], self.output.weight[0, k:]  # (k_gmf,), (k_mlp,)
         p = self.gmf.user(users) * h_gmf  # (B, k_gmf)
         gmf = torch.einsum("bk,bck->bc", p, self.gmf.item(items))  # (B, C)
-        mlp = self.mlp.candidates(users, items) @ h_mlp  # (B, C, k_mlp) -> (B, C)
+        mlp = self.mlp.pairs(users.unsqueeze(1), items) @ h_mlp  # (B, C, k_mlp) -> (B, C)
         return gmf + mlp + self.output.bias
