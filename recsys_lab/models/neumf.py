@@ -74,7 +74,9 @@ class MLPBranch(nn.Module):
         item_codes, item_at = items.unique(return_inverse=True)  # (I,), items' shape
         user_part = F.linear(self.user(user_codes), first.weight[:, :E], first.bias)  # (U, H1)
         item_part = F.linear(self.item(item_codes), first.weight[:, E:])  # (I, H1)
-        return rest(user_part[user_at] + item_part[item_at])  # (..., H1) -> (..., h)
+        # gathered as embedding lookups: their backward (a sorted segment sum) is several times faster on the
+        # CPU than the accumulating index_put that plain indexing differentiates into
+        return rest(F.embedding(user_at, user_part) + F.embedding(item_at, item_part))  # (..., H1) -> (..., h)
 
 
 class GMF(nn.Module):
