@@ -19,8 +19,10 @@ from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.models.bert4rec import BERT4Rec
 from recsys_lab.models.bert_cross_encoder import BERTCrossEncoder
+from recsys_lab.models.bst import BST
 from recsys_lab.models.dcnv2 import DCNv2
 from recsys_lab.models.deepfm import DeepFM
+from recsys_lab.models.dien import DIEN
 from recsys_lab.models.din import DIN
 from recsys_lab.models.ease import EASE
 from recsys_lab.models.esmm import ESMM
@@ -63,6 +65,12 @@ def text_batch(schema: Schema) -> Batch:
 
 MODELS: dict[str, Case] = {
     "din": Case(lambda schema, _: DIN(schema, embedding_dim=4, attention_hidden=[8, 4], mlp_hidden=[8, 4])),
+    "dien": Case(lambda schema, _: DIEN(schema, embedding_dim=4, mlp_hidden=[8, 4], dropout=0.1)),
+    "bst": Case(
+        lambda schema, _: BST(
+            schema, embedding_dim=4, num_heads=2, feed_forward_dim=8, mlp_hidden=[8], dropout=0.1
+        )
+    ),
     "deepfm": Case(lambda schema, _: DeepFM(schema, embedding_dim=4, mlp_hidden=[8, 4], dropout=0.1)),
     "dcnv2": Case(
         lambda schema, _: DCNv2(schema, embedding_dim=4, num_cross_layers=2, mlp_hidden=[8], dropout=0.1)

@@ -21,6 +21,8 @@ from tests.helpers import REPO, SMALL_DATA, model_overrides
 
 MODELS = [
     "din",
+    "dien",
+    "bst",
     "deepfm",
     "dcnv2",
     "shared_bottom",
@@ -42,7 +44,18 @@ MODELS = [
     "lightgcn",
     "ease",
 ]
-CTR_MODELS = {"din", "deepfm", "dcnv2", "bert_cross_encoder", "popularity", "gmf", "mlp", "neumf"}
+CTR_MODELS = {
+    "din",
+    "dien",
+    "bst",
+    "deepfm",
+    "dcnv2",
+    "bert_cross_encoder",
+    "popularity",
+    "gmf",
+    "mlp",
+    "neumf",
+}
 # scored on impressions like the CTR models, with the same metrics per label as well (`test/<label>/auc`)
 MULTITASK_MODELS = {"shared_bottom", "mmoe", "ple", "esmm"}
 CTR_KEYS = {f"test/{k}" for k in ("auc", "gauc", "logloss", "oracle_auc", "popularity_auc")}

@@ -10,6 +10,7 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.modules.attention import TargetAttention, masked_mean
 from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
 from recsys_lab.modules.mlp import MLP, Dice
+from recsys_lab.modules.sequence import behaviour_history
 
 
 class DIN(nn.Module):
@@ -39,14 +40,7 @@ class DIN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        sides = {f.name: f.side for f in schema.features}
-        self.behaviour = [f.name for f in schema.select("seq") if f.embed_as and sides[f.embed_as] == "item"]
-        if not self.behaviour:
-            raise ValueError(
-                "DIN needs a behaviour history: at least one seq feature whose embed_as names an item-side sparse "
-                f"feature; the schema's seq features are {[(f.name, f.embed_as) for f in schema.select('seq')]}"
-            )
-        self.candidate = [schema[name].embed_as for name in self.behaviour]
+        self.behaviour, self.candidate = behaviour_history(schema, "DIN")
         self.sparse_features = [f.name for f in schema.select("sparse")]
         # seq features that are not behaviour (no embed_as, or pointing at user/context tables) are other groups
         self.other_seq = [f.name for f in schema.select("seq") if f.name not in self.behaviour]

@@ -76,7 +76,9 @@ class MLPBranch(nn.Module):
         item_part = F.linear(self.item(item_codes), first.weight[:, E:])  # (I, H1)
         # gathered as embedding lookups: their backward (a sorted segment sum) is several times faster on the
         # CPU than the accumulating index_put that plain indexing differentiates into
-        return rest(F.embedding(user_at, user_part) + F.embedding(item_at, item_part))  # (..., H1) -> (..., h)
+        return rest(
+            F.embedding(user_at, user_part) + F.embedding(item_at, item_part)
+        )  # (..., H1) -> (..., h)
 
 
 class GMF(nn.Module):

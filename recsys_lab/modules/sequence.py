@@ -26,6 +26,22 @@ def item_sequence(schema: Schema, model: str) -> Feature:
     )
 
 
+def behaviour_history(schema: Schema, model: str) -> tuple[list[str], list[str]]:
+    """The behaviour history a target-aware ranker reads (DIN, DIEN, BST): every seq
+    feature whose `embed_as` names an item-side sparse feature, and the candidate's matching sparse features in
+    the same order, so history items and candidate share tables and live in one space. Returns (behaviour seq
+    names, candidate sparse names). The behaviour features are parallel columns of the same events (item id,
+    category, ...): they share L and lengths."""
+    sides = {f.name: f.side for f in schema.features}
+    behaviour = [f.name for f in schema.select("seq") if f.embed_as and sides[f.embed_as] == "item"]
+    if not behaviour:
+        raise ValueError(
+            f"{model} needs a behaviour history: at least one seq feature whose embed_as names an item-side "
+            f"sparse feature; the schema's seq features are {[(f.name, f.embed_as) for f in schema.select('seq')]}"
+        )
+    return behaviour, [schema[name].embed_as for name in behaviour]
+
+
 def last_position(hidden: Tensor, lengths: Tensor) -> Tensor:
     """hidden (B, L, D) at each row's last real position `lengths - 1` -> (B, D).
 

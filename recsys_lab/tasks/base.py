@@ -117,7 +117,8 @@ class RecTask(pl.LightningModule):
         and a value logged between two of the logger's writes is overwritten unseen (training values are
         logged per step, not averaged per epoch). Under `fast_dev_run` every step is logged."""
         trainer = self._trainer
-        if trainer is None:  # a step called outside a Trainer (scripts/benchmark.py times training_step alone)
+        # a step called outside a Trainer (scripts/benchmark.py times training_step alone) logs nothing
+        if trainer is None:
             return
         every = max(1, int(trainer.log_every_n_steps))
         last = batch_idx + 1 >= trainer.num_training_batches

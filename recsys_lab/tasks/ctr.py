@@ -48,9 +48,20 @@ class CTRTask(RecTask):
         self.metrics = nn.ModuleDict({stage: CTRMetrics() for stage in ("val", "test")})
 
     def training_step(self, batch: Batch, batch_idx: int):
+        """BCE on the label, plus the net's own auxiliary loss when it defines one.
+
+        Auxiliary-loss hook: a net with a method `auxiliary_loss(batch) -> scalar` (DIEN's next-behaviour loss)
+        has it added to the objective as it comes — the net weights it by its own config — and logged as
+        `train/aux_loss`; `train/loss` is the total. Nets without the method train on BCE alone, as before.
+        """
         logits = self.net(batch)  # (B,)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.label])
-        self.log_training({"train/loss": loss}, batch_idx, len(batch))
+        values = {"train/loss": loss}
+        if hasattr(self.net, "auxiliary_loss"):
+            aux_loss = self.net.auxiliary_loss(batch)
+            loss = loss + aux_loss
+            values = {"train/loss": loss, "train/aux_loss": aux_loss}
+        self.log_training(values, batch_idx, len(batch))
         return loss
 
     def impression_metric_names(self) -> list[str]:

@@ -1,0 +1,195 @@
+"""Behavior Sequence Transformer: a Transformer layer reads the user's behaviour sequence together with the
+candidate item, and every position's output goes into the CTR MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from recsys_lab.data.batch import Batch
+from recsys_lab.data.schema import Schema
+from recsys_lab.modules.attention import masked_mean
+from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
+from recsys_lab.modules.mlp import MLP
+from recsys_lab.modules.sequence import (
+    FeedForward,
+    LearnedPositions,
+    MultiHeadSelfAttention,
+    attention_mask,
+    behaviour_history,
+)
+
+
+def leaky_relu(width: int) -> nn.Module:
+    """Activation factory for `MLP`: the paper's MLP uses LeakyReLU."""
+    return nn.LeakyReLU()
+
+
+class BSTBlock(nn.Module):
+    """BST's Transformer layer, post-LayerNorm as in the paper (sec. 2.2, eq. 3-5):
+    S = LN(x + Dropout(MH(x))), then F = LN(S + Dropout(FFN(S))), the FFN a LeakyReLU network.
+
+    Args:
+        attention: the self-attention sub-layer.
+        feed_forward: the point-wise feed-forward sub-layer.
+        dim: W, for the LayerNorms.
+        dropout: dropout on each sub-layer's output.
+
+    forward(x (B, S, W), allowed bool (B, S, S)) -> (B, S, W).
+    """
+
+    def __init__(self, attention: nn.Module, feed_forward: nn.Module, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attention, self.attention_norm = attention, nn.LayerNorm(dim)
+        self.feed_forward, self.feed_forward_norm = feed_forward, nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, allowed)))  # (B, S, W)
+        return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))  # (B, S, W)
+
+
+class BST(nn.Module):
+    """Behavior Sequence Transformer (Chen et al., DLP-KDD 2019, arXiv:1905.06874).
+
+    Behaviour history and candidate are chosen as in DIN (`behaviour_history`); every item — the candidate and
+    each behaviour — is the concatenation of its behaviour features' embeddings (E = behaviours * D, the paper's
+    item id and category) with a position embedding of width D, concatenated rather than added, as in the paper:
+    tokens are W = E + D wide.
+
+    Sequence order. The tokens are laid out by recency: slot 0 is the candidate, slot s the s-th most recent
+    behaviour (the paper's sequence with the target appended, read from its end; self-attention does not care
+    about the layout, only the positions do). Slots beyond each row's history are padding: masked as attention
+    keys by length and zeroed in the output, so padding ids never reach a real slot.
+
+    Positions. The paper embeds the time gap t(candidate) - t(v_i). The batch carries each behaviour's timestamp
+    (`Seq.times`) but not the candidate's, so the position embedding here is the sum of a learned embedding of
+    the reversed index (the slot: 0 = candidate, 1 = most recent, ...) and a learned embedding of the log2-bucketed
+    gap to the most recent behaviour, t(last) - t(v_i) in seconds — the paper's gap minus a per-row constant,
+    the rest of which the slot carries. The candidate and a history without timestamps read gap bucket 0.
+
+    Output. As in the paper, the outputs of all slots (candidate included) are concatenated, padded slots as
+    zeros, with the other features — every sparse embedding not already in the tokens (user, context, item
+    features the history lacks), masked means of other seq features, dense features — and fed to an MLP with
+    LeakyReLU.
+
+    Args:
+        schema: the dataset's features. Needs at least one seq feature with `embed_as` on an item-side feature;
+            its max_len fixes the number of slots (max_len + 1) and the MLP's input width.
+        embedding_dim: D, width of every embedding and of the position embedding (the paper: 4 to 64).
+        num_blocks: stacked Transformer layers (the paper: 1, its best).
+        num_heads: attention heads; must divide W = (behaviour features + 1) * D (the paper: 8).
+        feed_forward_dim: inner width of the point-wise feed-forward network.
+        mlp_hidden: hidden widths of the prediction MLP (the paper: 1024-512-256).
+        dropout: on sub-layer outputs and MLP hidden layers (the paper: 0.2; not on the attention weights).
+        num_time_buckets: log2 buckets of the time gap; the last one takes every longer gap (32: ~136 years).
+
+    forward(batch) -> logits (B,); tokens(batch) -> Transformer inputs (B, S, W), mask bool (B, S);
+    encode_behaviour(batch) -> Transformer outputs (B, S, W), 0 at padding, and the mask; S = max_len + 1, slot 0
+    the candidate.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        embedding_dim: int = 8,
+        num_blocks: int = 1,
+        num_heads: int = 8,
+        feed_forward_dim: int = 128,
+        mlp_hidden: list[int] = [1024, 512, 256],  # noqa: B006 - never mutated; plain lists keep Hydra configs simple
+        dropout: float = 0.2,
+        num_time_buckets: int = 32,
+    ) -> None:
+        super().__init__()
+        self.behaviour, self.candidate = behaviour_history(schema, "BST")
+        width = (len(self.behaviour) + 1) * embedding_dim  # W: item features + position
+        if width % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the token width (behaviour features + 1) * embedding_dim = "
+                f"({len(self.behaviour)} + 1) * {embedding_dim} = {width}"
+            )
+        self.max_len = schema[self.behaviour[0]].max_len
+        self.num_time_buckets = num_time_buckets
+        candidate = set(self.candidate)
+        self.other_sparse = [f.name for f in schema.select("sparse") if f.name not in candidate]
+        self.other_seq = [f.name for f in schema.select("seq") if f.name not in self.behaviour]
+        self.dense_features = [f.name for f in schema.select("dense")]
+
+        self.embedding = FeatureEmbedding(schema, embedding_dim)
+        self.positions = LearnedPositions(self.max_len + 1, embedding_dim)  # slot = reversed index
+        self.time_gaps = nn.Embedding(num_time_buckets, embedding_dim)
+        self.blocks = nn.ModuleList(
+            BSTBlock(
+                # no dropout on the attention weights: the paper does not place its dropout, and on the CPU
+                # a (B, H, S, S) dropout mask costs a third of a training step
+                MultiHeadSelfAttention(width, num_heads, dropout=0.0),
+                FeedForward(width, feed_forward_dim, nn.LeakyReLU(), dropout),
+                width,
+                dropout,
+            )
+            for _ in range(num_blocks)
+        )
+        input_dim = (
+            (self.max_len + 1) * width
+            + len(self.other_sparse) * embedding_dim
+            + len(self.other_seq) * embedding_dim
+            + sum(schema[name].dim for name in self.dense_features)
+        )
+        self.mlp = MLP(input_dim, mlp_hidden, activation=leaky_relu, dropout=dropout, output_dim=1)
+
+    def tokens(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Transformer inputs: the candidate and the behaviours in recency order (B, S, W), and the mask of real
+        slots (B, S) — the first lengths + 1 of each row."""
+        seq = batch.seq[self.behaviour[0]]
+        B, L = seq.ids.shape
+        if L > self.max_len:
+            raise ValueError(f"BST: history of length {L} is longer than the schema's max_len={self.max_len}")
+        S = self.max_len + 1
+        lengths = seq.lengths  # (B,)
+
+        # recency layout: slot s >= 1 holds history position lengths - s (right-padded, oldest first)
+        slots = torch.arange(1, S, device=lengths.device)  # (S-1,)
+        real = slots.unsqueeze(0) <= lengths.unsqueeze(1)  # (B, S-1)
+        source = (lengths.unsqueeze(1) - slots).clamp(min=0)  # (B, S-1), a valid index wherever real
+        history = self.embedding.seq(batch, self.behaviour)  # (B, L, E)
+        recent = history.gather(1, source.unsqueeze(-1).expand(-1, -1, history.shape[-1]))  # (B, S-1, E)
+        recent = recent * real.unsqueeze(-1)  # (B, S-1, E): padded slots hold no id's embedding
+        candidate = self.embedding.sparse(batch, self.candidate).flatten(1)  # (B, E)
+        items = torch.cat([candidate.unsqueeze(1), recent], dim=1)  # (B, S, E)
+
+        # time gap to the most recent behaviour, in log2 buckets; the candidate and untimed histories: bucket 0
+        if seq.times is not None:
+            last = seq.times.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1))  # (B, 1)
+            gaps = (last - seq.times.gather(1, source)).clamp(min=0) * real  # (B, S-1) seconds, 0 at padding
+            buckets = torch.log2(gaps.double() + 1).floor().long().clamp(max=self.num_time_buckets - 1)
+        else:
+            buckets = torch.zeros_like(source)  # (B, S-1)
+        buckets = torch.cat([torch.zeros_like(buckets[:, :1]), buckets], dim=1)  # (B, S)
+        positions = self.positions(S) + self.time_gaps(buckets)  # (B, S, D)
+
+        mask = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)  # (B, S): the candidate is always real
+        return torch.cat([items, positions], dim=-1), mask  # (B, S, W), (B, S)
+
+    def encode_behaviour(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Transformer outputs of the candidate and the behaviours in recency order (B, S, W), zeros at padded
+        slots, and the mask of real slots (B, S)."""
+        x, mask = self.tokens(batch)  # (B, S, W), (B, S)
+        S = x.shape[1]
+        lengths = batch.seq[self.behaviour[0]].lengths
+        allowed = attention_mask(
+            lengths + 1, S, causal=False
+        )  # (B, S, S): real keys, every slot sees them all
+        for block in self.blocks:
+            x = block(x, allowed)  # (B, S, W)
+        return x * mask.unsqueeze(-1), mask
+
+    def forward(self, batch: Batch) -> Tensor:
+        outputs, _ = self.encode_behaviour(batch)  # (B, S, W)
+        parts = [outputs.flatten(1)]  # (B, S*W): the paper concatenates every position's output
+        if self.other_sparse:
+            parts.append(self.embedding.sparse(batch, self.other_sparse).flatten(1))  # (B, F*D)
+        for name in self.other_seq:
+            parts.append(masked_mean(self.embedding.seq(batch, [name]), batch.seq[name].mask()))  # (B, D)
+        if self.dense_features:
+            parts.append(concat_dense(batch, self.dense_features))  # (B, sum(dim))
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
