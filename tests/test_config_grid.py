@@ -59,7 +59,11 @@ def test_the_grid_covers_every_config():
     assert set(DATA) == {"ecommerce", "ecommerce_small", "movielens", "atomic", "amazon", "tabular"}
 
 
-@pytest.mark.parametrize("data", DATA)
+# ecommerce_small is the simulator again at another size: its column runs with the slow tests (CI runs both)
+GRID_DATA = [pytest.param(d, marks=pytest.mark.slow) if d == "ecommerce_small" else d for d in DATA]
+
+
+@pytest.mark.parametrize("data", GRID_DATA)
 @pytest.mark.parametrize("model", MODELS)
 def test_model_and_data_configs_compose_and_run(model, data, files, make_cfg, tmp_path):
     model_part = [

@@ -286,6 +286,7 @@ def test_missing_ids_are_an_error():
         Preprocess()(inter, labels=[])
 
 
+@pytest.mark.slow  # a subprocess that writes and prepares a 1M-row file: ~10 s
 def test_benchmark_prep_script_runs_small(tmp_path):
     """scripts/benchmark_prep.py end to end on 20k rows: generation, Preprocess, the three splits and the
     whole preparation pipeline."""
