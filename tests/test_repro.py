@@ -32,6 +32,7 @@ REQUIRED = {
     "bert4rec_ml1m": "bert4rec",
     "sasrec_ce_ml1m": "sasrec",
     "hstu_ml1m": "hstu",
+    "deepfm_ml100k": "deepfm",
 }
 
 
@@ -251,6 +252,11 @@ def test_ml1m_experiment_runs_end_to_end(experiment, ml1m, make_cfg):
 def test_bpr_ml100k_runs_end_to_end(make_cfg, tmp_path):
     folder = random_ml100k(tmp_path / "ml-100k", np.random.default_rng(3))
     check_report(run_fast(make_cfg, "bpr_ml100k", folder, []), "bpr_ml100k")
+
+
+def test_deepfm_ml100k_runs_end_to_end(make_cfg, tmp_path):
+    folder = random_ml100k(tmp_path / "ml-100k", np.random.default_rng(4))
+    check_report(run_fast(make_cfg, "deepfm_ml100k", folder, []), "deepfm_ml100k")
 
 
 def check_report(results: dict, experiment: str) -> None:
