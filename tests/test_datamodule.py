@@ -9,6 +9,7 @@ import torch
 
 from recsys_lab.data.splits import TEST, TRAIN, VAL
 from tests.datamodule_fixtures import (  # noqa: F401  (fixtures)
+    CONTEXT_COLS,
     ClicksOnly,
     cache_root,
     dm,
@@ -74,6 +75,22 @@ def test_dense_standardised_with_training_statistics(dm, raw, ref):
     assert np.abs(dm.store.items.dense["price"].numpy() - catalogue_z).max() > 1e-3
     assert dm.prepared().meta.normalisers["price"]["log1p"] is True
     assert dm.prepared().meta.normalisers["image"]["log1p"] is False
+
+
+def test_the_context_ablation_drops_context_features_and_nothing_else(cache_root, dm):
+    # data.context=false: the same prepared data and rows; no batch or schema carries hour, weekday, device
+    bare = ready(make_dm(cache_root, context=False))
+    assert bare.cache_path == dm.cache_path
+    context = {f.name for f in dm.schema.features if f.side == "context"}
+    assert context == set(CONTEXT_COLS)
+    assert {f.name for f in bare.schema.features} == {f.name for f in dm.schema.features} - context
+    assert dm.describe()["context_features"] == CONTEXT_COLS and bare.describe()["context_features"] == []
+    rows = dm.rows["train"][:20]
+    full, ablated = dm.store.impressions(rows), bare.store.impressions(rows)
+    assert set(ablated.sparse) == set(full.sparse) - context
+    for name, values in ablated.sparse.items():
+        assert torch.equal(values, full.sparse[name]), name
+    assert torch.equal(ablated.labels["click"], full.labels["click"])
 
 
 def test_subsampling_is_seeded(cache_root, dm):

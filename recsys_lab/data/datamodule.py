@@ -65,6 +65,9 @@ class RecDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: rows per training / evaluation batch (evaluation: queries for ranking).
         history_len: L, the most recent positives carried as the behaviour sequence.
         history_features: item categorical columns carried along the history besides the item id.
+        context: False drops the interaction context features (the simulator's hour, weekday, device, ...;
+            `context` columns of your own data) from every batch and from the schema, so that any model can be
+            run without them: the context ablation. Printed with the results as `context_features`.
         log_dense: numeric item/user columns that are log1p-transformed before standardisation.
         text: tokenizer and pair layout for language models; None for models without text.
         max_train_rows / max_eval_rows: seeded subsample of training rows / evaluation rows or queries; None
@@ -89,6 +92,7 @@ class RecDataModule(pl.LightningDataModule):
         eval_batch_size: int = 4096,
         history_len: int = 30,
         history_features: list[str] | tuple[str, ...] = (),
+        context: bool = True,
         log_dense: list[str] | tuple[str, ...] = (),
         text: TextSpec | None = None,
         max_train_rows: int | None = None,
@@ -119,6 +123,7 @@ class RecDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.history_len = history_len
         self.history_features = list(history_features)
+        self.context = bool(context)
         self.log_dense = list(log_dense)
         self.text = text
         self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
@@ -175,7 +180,9 @@ class RecDataModule(pl.LightningDataModule):
         p = self.prepared()
         if p.meta.cutoffs and getattr(self.split, "cutoffs_", None) is None:
             self.split.cutoffs_ = tuple(p.meta.cutoffs)  # cached data: `assign` did not run in this process
-        self.store = FeatureStore.from_prepared(p, self.history_len, self.history_features, self.text)
+        self.store = FeatureStore.from_prepared(
+            p, self.history_len, self.history_features, self.text, context=self.context
+        )
         self.schema = self.store.schema()
         self.rows, self.queries = self._subsample(p)
         if self.train_negatives is not None:
@@ -271,6 +278,7 @@ class RecDataModule(pl.LightningDataModule):
             "train_negatives": self.train_negatives.describe() if self.train_negatives is not None else None,
             "history_len": self.history_len,
             "history_features": self.history_features,
+            "context_features": self.store.meta.context if self._ready else None,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,
             **({"text": asdict(self.text)} if self.text is not None else {}),

@@ -88,6 +88,12 @@ class PreparedMeta:
     cutoffs: list[Any]
     eval_candidates: str
 
+    def without_context(self) -> PreparedMeta:
+        """The same dataset described without its interaction context features (the `data.context=false`
+        ablation): the columns stay in the cache, no batch or schema carries them."""
+        features = {name: f for name, f in self.features.items() if f.side != "context"}
+        return dataclasses.replace(self, features=features, context=[])
+
     def to_json(self) -> dict:
         return asdict(self)
 

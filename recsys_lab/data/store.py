@@ -156,9 +156,11 @@ class FeatureStore:
         history_len: int,
         history_features: list[str] | tuple[str, ...] = (),
         text: TextSpec | None = None,
+        context: bool = True,
     ) -> FeatureStore:
-        """Tables, timelines and history counts of a prepared dataset; item texts tokenized once if `text`."""
-        meta = prepared.meta
+        """Tables, timelines and history counts of a prepared dataset; item texts tokenized once if `text`;
+        without the interaction context features (hour, device, ...) if not `context`."""
+        meta = prepared.meta if context else prepared.meta.without_context()
         item_categoricals = meta.columns("item", "categorical")
         for name in history_features:
             if name not in item_categoricals:
