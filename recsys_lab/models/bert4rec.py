@@ -13,35 +13,12 @@ from recsys_lab.modules.sequence import (
     FeedForward,
     LearnedPositions,
     MultiHeadSelfAttention,
+    PostNormBlock,
     attention_mask,
     init_normal,
     item_sequence,
     last_position,
 )
-
-
-class BERT4RecBlock(nn.Module):
-    """One Transformer encoder layer as in BERT and BERT4Rec (sec. 3.3): post-LayerNorm,
-    LN(x + Dropout(SelfAttention(x))), then LN(x + Dropout(FFN(x))), the FFN a GELU network.
-
-    Args:
-        attention: the self-attention sub-layer.
-        feed_forward: the point-wise feed-forward sub-layer.
-        dim: D, for the LayerNorms.
-        dropout: dropout on each sub-layer's output.
-
-    forward(x (B, L, D), allowed bool (B, L, L)) -> (B, L, D).
-    """
-
-    def __init__(self, attention: nn.Module, feed_forward: nn.Module, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.attention, self.attention_norm = attention, nn.LayerNorm(dim)
-        self.feed_forward, self.feed_forward_norm = feed_forward, nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, allowed)))  # (B, L, D)
-        return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))  # (B, L, D)
 
 
 class BERT4Rec(nn.Module):
@@ -88,7 +65,7 @@ class BERT4Rec(nn.Module):
         self.input_norm = nn.LayerNorm(embedding_dim)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            BERT4RecBlock(
+            PostNormBlock(
                 MultiHeadSelfAttention(embedding_dim, num_heads, dropout),
                 FeedForward(embedding_dim, feed_forward_dim, nn.GELU(), dropout),
                 embedding_dim,

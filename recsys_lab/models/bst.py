@@ -15,6 +15,7 @@ from recsys_lab.modules.sequence import (
     FeedForward,
     LearnedPositions,
     MultiHeadSelfAttention,
+    PostNormBlock,
     attention_mask,
     behaviour_history,
 )
@@ -23,30 +24,6 @@ from recsys_lab.modules.sequence import (
 def leaky_relu(width: int) -> nn.Module:
     """Activation factory for `MLP`: the paper's MLP uses LeakyReLU."""
     return nn.LeakyReLU()
-
-
-class BSTBlock(nn.Module):
-    """BST's Transformer layer, post-LayerNorm as in the paper (sec. 2.2, eq. 3-5):
-    S = LN(x + Dropout(MH(x))), then F = LN(S + Dropout(FFN(S))), the FFN a LeakyReLU network.
-
-    Args:
-        attention: the self-attention sub-layer.
-        feed_forward: the point-wise feed-forward sub-layer.
-        dim: W, for the LayerNorms.
-        dropout: dropout on each sub-layer's output.
-
-    forward(x (B, S, W), allowed bool (B, S, S)) -> (B, S, W).
-    """
-
-    def __init__(self, attention: nn.Module, feed_forward: nn.Module, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.attention, self.attention_norm = attention, nn.LayerNorm(dim)
-        self.feed_forward, self.feed_forward_norm = feed_forward, nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, allowed)))  # (B, S, W)
-        return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))  # (B, S, W)
 
 
 class BST(nn.Module):
@@ -119,7 +96,7 @@ class BST(nn.Module):
         self.positions = LearnedPositions(self.max_len + 1, embedding_dim)  # slot = reversed index
         self.time_gaps = nn.Embedding(num_time_buckets, embedding_dim)
         self.blocks = nn.ModuleList(
-            BSTBlock(
+            PostNormBlock(
                 # no dropout on the attention weights: the paper does not place its dropout, and on the CPU
                 # a (B, H, S, S) dropout mask costs a third of a training step
                 MultiHeadSelfAttention(width, num_heads, dropout=0.0),

@@ -143,6 +143,31 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class PostNormBlock(nn.Module):
+    """A Transformer layer with LayerNorm after each residual sum (post-LN, Vaswani et al. 2017), as BERT4Rec and
+    BST use it: x = LN(x + Dropout(SelfAttention(x))), then LN(x + Dropout(FFN(x))). The FFN's activation is the
+    caller's (GELU for BERT4Rec, LeakyReLU for BST).
+
+    Args:
+        attention: the self-attention sub-layer.
+        feed_forward: the point-wise feed-forward sub-layer.
+        dim: D, for the LayerNorms.
+        dropout: dropout on each sub-layer's output.
+
+    forward(x (B, L, D), allowed bool (B, L, L)) -> (B, L, D).
+    """
+
+    def __init__(self, attention: nn.Module, feed_forward: nn.Module, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attention, self.attention_norm = attention, nn.LayerNorm(dim)
+        self.feed_forward, self.feed_forward_norm = feed_forward, nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, allowed)))  # (B, L, D)
+        return self.feed_forward_norm(x + self.dropout(self.feed_forward(x)))  # (B, L, D)
+
+
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation, used by RecBole's SASRec/BERT4Rec: N(0, std) weights for linear and embedding
     layers, zero biases, unit LayerNorm. PyTorch's N(0, 1) embeddings would dwarf positions and overflow the
