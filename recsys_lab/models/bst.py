@@ -8,8 +8,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
-from recsys_lab.modules.attention import masked_mean
-from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
+from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense
 from recsys_lab.modules.mlp import MLP
 from recsys_lab.modules.sequence import (
     FeedForward,
@@ -165,8 +164,5 @@ class BST(nn.Module):
         parts = [outputs.flatten(1)]  # (B, S*W): the paper concatenates every position's output
         if self.other_sparse:
             parts.append(self.embedding.sparse(batch, self.other_sparse).flatten(1))  # (B, F*D)
-        for name in self.other_seq:
-            parts.append(masked_mean(self.embedding.seq(batch, [name]), batch.seq[name].mask()))  # (B, D)
-        if self.dense_features:
-            parts.append(concat_dense(batch, self.dense_features))  # (B, sum(dim))
+        parts += pooled_seq_and_dense(self.embedding, batch, self.other_seq, self.dense_features)
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)

@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
-from recsys_lab.modules.attention import masked_mean
-from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
+from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense
 from recsys_lab.modules.mlp import MLP, Dice
 from recsys_lab.modules.sequence import behaviour_history
 
@@ -128,7 +127,16 @@ class DIEN(nn.Module):
         A step t is valid when behaviour t + 1 is real, so padding never enters (neither as h_t, as positive,
         nor as a negative). Negatives are drawn with torch's global generator. 0 when no row has two behaviours.
         """
+        return self._auxiliary_loss(batch, *self.interest_states(batch))
+
+    def forward_with_auxiliary_loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Logits (B,) and `auxiliary_loss` from one pass of the interest extractor (what training needs:
+        `CTRTask` calls this when the net has it, instead of running the GRU twice)."""
         history, states, mask = self.interest_states(batch)
+        logits, _ = self._predict(batch, states, mask)
+        return logits, self._auxiliary_loss(batch, history, states, mask)
+
+    def _auxiliary_loss(self, batch: Batch, history: Tensor, states: Tensor, mask: Tensor) -> Tensor:
         valid = mask[:, 1:]  # (B, L-1): step t is supervised by a real next behaviour t + 1
         if not valid.any():
             return states.sum() * 0.0  # keeps the graph (and the dtype/device) without contributing
@@ -170,6 +178,10 @@ class DIEN(nn.Module):
     def forward_with_attention(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Logits (B,) and the attention a_t of the candidate on every interest state (B, L), 0 at padding."""
         _, states, mask = self.interest_states(batch)  # (B, L, E), (B, L)
+        return self._predict(batch, states, mask)
+
+    def _predict(self, batch: Batch, states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (B,) and attention (B, L) from the interest states (B, L, E) and their mask (B, L)."""
         sparse = self.embedding.sparse(batch, self.sparse_features).flatten(1)  # (B, F*D)
         candidate = self.embedding.sparse(batch, self.candidate).flatten(1)  # (B, E)
 
@@ -181,13 +193,9 @@ class DIEN(nn.Module):
 
         interest = self.evolve(states, attention, mask)  # (B, E)
 
-        parts = [sparse, interest]
-        # other seq groups (no behaviour of the candidate's kind): mean-pooled, as in DIN
-        for name in self.other_seq:
-            parts.append(masked_mean(self.embedding.seq(batch, [name]), batch.seq[name].mask()))  # (B, D)
-        if self.dense_features:
-            parts.append(concat_dense(batch, self.dense_features))  # (B, sum(dim))
-        logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        # other seq groups (no behaviour of the candidate's kind) and dense features, as in DIN
+        rest = pooled_seq_and_dense(self.embedding, batch, self.other_seq, self.dense_features)
+        logits = self.mlp(torch.cat([sparse, interest, *rest], dim=-1)).squeeze(-1)  # (B,)
         return logits, attention
 
     def forward(self, batch: Batch) -> Tensor:

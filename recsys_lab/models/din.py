@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
-from recsys_lab.modules.attention import TargetAttention, masked_mean
-from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
+from recsys_lab.modules.attention import TargetAttention
+from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense
 from recsys_lab.modules.mlp import MLP, Dice
 from recsys_lab.modules.sequence import behaviour_history
 
@@ -66,13 +66,8 @@ class DIN(nn.Module):
         mask = batch.seq[self.behaviour[0]].mask()  # (B, L)
         interest, weights = self.attention(history, candidate, mask)  # (B, E), (B, L)
 
-        parts = [sparse, interest]
-        # other seq groups: the paper sum-pools them; the mean keeps their scale independent of history length
-        for name in self.other_seq:
-            parts.append(masked_mean(self.embedding.seq(batch, [name]), batch.seq[name].mask()))  # (B, D)
-        if self.dense_features:
-            parts.append(concat_dense(batch, self.dense_features))  # (B, sum(dim))
-        logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        rest = pooled_seq_and_dense(self.embedding, batch, self.other_seq, self.dense_features)
+        logits = self.mlp(torch.cat([sparse, interest, *rest], dim=-1)).squeeze(-1)  # (B,)
         return logits, weights
 
     def forward(self, batch: Batch) -> Tensor:

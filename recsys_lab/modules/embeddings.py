@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema, Side
+from recsys_lab.modules.attention import masked_mean
 
 
 class FeatureEmbedding(nn.Module):
@@ -56,6 +57,19 @@ class FeatureEmbedding(nn.Module):
         callers mask with `Seq.mask()`.
         """
         return torch.cat([self.table(n)(batch.seq[n].ids) for n in names], dim=-1)  # (B, L, F*D)
+
+
+def pooled_seq_and_dense(
+    embedding: FeatureEmbedding, batch: Batch, seq_names: Sequence[str], dense_names: Sequence[str]
+) -> list[Tensor]:
+    """What a target-attention ranker (DIN, DIEN, BST) reads beside its behaviour history: each seq feature of
+    `seq_names` mean-pooled over its real positions, (B, D) each, then the dense features side by side,
+    (B, sum(dim)), if any. The papers sum-pool such groups; the mean keeps their scale independent of the
+    history length."""
+    parts = [masked_mean(embedding.seq(batch, [name]), batch.seq[name].mask()) for name in seq_names]
+    if dense_names:
+        parts.append(concat_dense(batch, dense_names))
+    return parts
 
 
 def concat_dense(batch: Batch, names: Sequence[str]) -> Tensor:

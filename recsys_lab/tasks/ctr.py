@@ -50,15 +50,19 @@ class CTRTask(RecTask):
     def training_step(self, batch: Batch, batch_idx: int):
         """BCE on the label, plus the net's own auxiliary loss when it defines one.
 
-        Auxiliary-loss hook: a net with a method `auxiliary_loss(batch) -> scalar` (DIEN's next-behaviour loss)
-        has it added to the objective as it comes — the net weights it by its own config — and logged as
-        `train/aux_loss`; `train/loss` is the total. Nets without the method train on BCE alone, as before.
+        Auxiliary-loss hook: a net with `forward_with_auxiliary_loss(batch) -> (logits (B,), scalar)` (DIEN's
+        next-behaviour loss, sharing one pass of its interest extractor with the logits) has the scalar added to
+        the objective as it comes — the net weights it by its own config — and logged as `train/aux_loss`;
+        `train/loss` is the total. Nets without the method train on BCE alone.
         """
-        logits = self.net(batch)  # (B,)
+        aux_loss = None
+        if callable(getattr(self.net, "forward_with_auxiliary_loss", None)):
+            logits, aux_loss = self.net.forward_with_auxiliary_loss(batch)  # (B,), scalar
+        else:
+            logits = self.net(batch)  # (B,)
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.label])
         values = {"train/loss": loss}
-        if hasattr(self.net, "auxiliary_loss"):
-            aux_loss = self.net.auxiliary_loss(batch)
+        if aux_loss is not None:
             loss = loss + aux_loss
             values = {"train/loss": loss, "train/aux_loss": aux_loss}
         self.log_training(values, batch_idx, len(batch))
