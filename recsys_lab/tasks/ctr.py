@@ -13,6 +13,8 @@ from recsys_lab.data.views import CTRView
 from recsys_lab.metrics import CTRMetrics
 from recsys_lab.tasks.base import RecTask
 
+IMPRESSION_METRICS = ("auc", "gauc", "logloss")  # what logged impressions are scored by
+
 
 class CTRTask(RecTask):
     """Trains any `forward(batch) -> logits [B]` model with binary cross-entropy.
@@ -69,7 +71,7 @@ class CTRTask(RecTask):
         return loss
 
     def impression_metric_names(self) -> list[str]:
-        return ["auc", "gauc", "logloss"]
+        return list(IMPRESSION_METRICS)
 
     def evaluate_impressions(self, batch: Batch, stage: str) -> None:
         logits = self.net(batch)

@@ -12,10 +12,10 @@ from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import CTRView
 from recsys_lab.metrics import CTRMetrics
+from recsys_lab.modules.multitask import head_labels
 from recsys_lab.tasks.base import RecTask
+from recsys_lab.tasks.ctr import IMPRESSION_METRICS
 from recsys_lab.utils.checks import ModelMismatchError
-
-IMPRESSION_METRICS = ("auc", "gauc", "logloss")
 
 
 class FixedWeights(nn.Module):
@@ -114,12 +114,7 @@ class MultiTaskTask(RecTask):
                 "model=shared_bottom / mmoe / ple / esmm"
             )
         super().__init__(net, schema, optimizer, scheduler, ks)
-        self.labels = list(net.labels)
-        missing = [t for t in self.labels if t not in schema.labels]
-        if missing:
-            raise ValueError(
-                f"model.net.labels: {missing} not labels of this dataset; labels are {list(schema.labels)}"
-            )
+        self.labels = head_labels(schema, net.labels)  # the model's own check, for nets built without it
         self.weighting = (weighting or FixedWeights)(labels=self.labels)
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleList(CTRMetrics() for _ in self.labels) for stage in ("val", "test")}
