@@ -68,7 +68,12 @@ class RecDataModule(pl.LightningDataModule):
         context: False drops the interaction context features (the simulator's hour, weekday, device, ...;
             `context` columns of your own data) from every batch and from the schema, so that any model can be
             run without them: the context ablation. Printed with the results as `context_features`.
-        log_dense: numeric item/user columns that are log1p-transformed before standardisation.
+        log_dense: numeric columns that are log1p-transformed before standardisation.
+        numeric_buckets: {numeric column: n}: the column enters every model as a categorical feature of up to n
+            equal-frequency buckets (quantiles of the training split) instead of one standardised value that
+            models project linearly. Per feature; the others stay linear.
+        time_context: context computed from each interaction's timestamp for any source: "hour" (hour of day),
+            "weekday", "gap" (log seconds since the user's previous interaction); columns `time_<name>`.
         text: tokenizer and pair layout for language models; None for models without text.
         max_train_rows / max_eval_rows: seeded subsample of training rows / evaluation rows or queries; None
             keeps all. Used to keep CPU runs of large models short; printed with the results.
@@ -94,6 +99,8 @@ class RecDataModule(pl.LightningDataModule):
         history_features: list[str] | tuple[str, ...] = (),
         context: bool = True,
         log_dense: list[str] | tuple[str, ...] = (),
+        numeric_buckets: dict[str, int] | None = None,
+        time_context: list[str] | tuple[str, ...] = (),
         text: TextSpec | None = None,
         max_train_rows: int | None = None,
         max_eval_rows: int | None = None,
@@ -125,6 +132,8 @@ class RecDataModule(pl.LightningDataModule):
         self.history_features = list(history_features)
         self.context = bool(context)
         self.log_dense = list(log_dense)
+        self.numeric_buckets = dict(numeric_buckets or {})
+        self.time_context = list(time_context or ())
         self.text = text
         self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
         self.num_workers, self.seed = num_workers, seed
@@ -143,6 +152,8 @@ class RecDataModule(pl.LightningDataModule):
                 "split": self.split.describe(),
                 "eval_candidates": self.eval_candidates.describe(),
                 "log_dense": sorted(self.log_dense),
+                "numeric_buckets": self.numeric_buckets,
+                "time_context": self.time_context,
                 "prepare_version": PREPARE_VERSION,
             },
             sort_keys=True,
@@ -165,7 +176,14 @@ class RecDataModule(pl.LightningDataModule):
     def _build(self) -> Prepared:
         raw = self.source.load()
         return prepare(
-            raw, self.preprocess, self.split, self.eval_candidates, self.log_dense, oracle=raw.oracle
+            raw,
+            self.preprocess,
+            self.split,
+            self.eval_candidates,
+            self.log_dense,
+            oracle=raw.oracle,
+            numeric_buckets=self.numeric_buckets,
+            time_context=self.time_context,
         )
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------
@@ -279,6 +297,8 @@ class RecDataModule(pl.LightningDataModule):
             "history_len": self.history_len,
             "history_features": self.history_features,
             "context_features": self.store.meta.context if self._ready else None,
+            "time_context": self.time_context,
+            "numeric_buckets": self.numeric_buckets,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,
             **({"text": asdict(self.text)} if self.text is not None else {}),

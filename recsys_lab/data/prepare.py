@@ -32,10 +32,16 @@ import torch
 from recsys_lab.data.sources.raw import RawData, SourceError
 from recsys_lab.data.splits import TEST, TRAIN, VAL
 from recsys_lab.data.store import Ragged
-from recsys_lab.data.vocab import encode, encode_lists, fit_vocab, standardise
+from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
 
 PREPARE_VERSION = 1
 STAGES = {"train": TRAIN, "val": VAL, "test": TEST}
+# context derived from each interaction's timestamp (`data.time_context`): name -> (column, kind)
+TIME_CONTEXT = {
+    "hour": ("time_hour", "categorical"),
+    "weekday": ("time_weekday", "categorical"),
+    "gap": ("time_gap", "numeric"),
+}
 MAX_LIST_LEN = 16  # tokens kept per multi-categorical value (e.g. genres of a movie)
 
 
@@ -62,10 +68,13 @@ class PreparedMeta:
     Args:
         features: every encoded feature column of the user, item and interaction tables.
         vocab_sizes: codes per categorical feature, the id features included (code 0 = unknown).
-        normalisers: standardisation statistics of numeric / dense columns (fitted on training entities).
+        normalisers: per numeric / dense column, its standardisation statistics, or its bucket boundaries
+            (`data.numeric_buckets`); fitted on training entities (user / item columns) or training rows
+            (context columns).
         counts: rows removed by each preprocessing step, rows and queries per split, unrankable targets.
         labels: label columns of `rows` ("click", "purchase"; "label" on implicit data).
-        context: categorical columns of `rows` that describe the interaction (hour, device, ...).
+        context: columns of `rows` that describe the interaction (hour, device, basket value, ...): categorical
+            codes, or standardised floats for numeric ones (their kind is in `features`).
         oracle: the `rows` column with the true click probability (simulated data), or None.
         item_text: the item column language models read, or None.
         item_counts: positives per item code in the training split (popularity, logQ; code 0 is 0).
@@ -245,9 +254,19 @@ def prepare(
     eval_candidates=None,
     log_dense: list[str] | tuple[str, ...] = (),
     oracle: str | None = None,
+    numeric_buckets: dict[str, int] | None = None,
+    time_context: list[str] | tuple[str, ...] = (),
 ) -> Prepared:
-    """Filter, split, fit on train and encode `raw` (see the module docstring)."""
+    """Filter, split, fit on train and encode `raw` (see the module docstring).
+
+    `numeric_buckets` ({column: n}) turns numeric columns into categorical ones of up to n equal-frequency
+    buckets (training quantiles); the other numeric columns are standardised. `time_context` adds context
+    columns computed from each interaction's timestamp (`TIME_CONTEXT`)."""
     inter, counts = preprocess(raw.interactions, list(raw.labels))
+    kinds = dict(raw.features)
+    inter, kinds = _with_time_context(inter, kinds, time_context)
+    numeric_buckets = dict(numeric_buckets or {})
+    _check_numeric_columns(kinds, numeric_buckets, log_dense)
     codes = split.assign(inter)
     inter = inter.with_columns(pl.Series("split", codes, dtype=pl.Int8))
     for stage, code in STAGES.items():
@@ -257,7 +276,6 @@ def prepare(
                 f"data.split ({split.describe()}): the {stage} split is empty after filtering "
                 f"({counts['rows_out']} rows kept)"
             )
-    kinds = dict(raw.features)
 
     # entity tables: every user / item known to the source (tables or interactions)
     users = _entities(raw.users, inter, "user_id")
@@ -286,15 +304,22 @@ def prepare(
     meta["vocab_sizes"]["user_id"] = user_vocab.height + 1
     meta["vocab_sizes"]["item_id"] = item_vocab.height + 1
 
-    users, ufeat = _encode_table(users, "user", kinds, train_users, log_dense, meta)
-    items, ifeat = _encode_table(items, "item", kinds, train_items, log_dense, meta)
-    # context: categorical columns of the interactions themselves
-    context = [c for c, k in kinds.items() if c in inter.columns and k == "categorical"]
+    numeric = (log_dense, numeric_buckets)
+    users, ufeat = _encode_table(users, "user", kinds, train_users, numeric, meta)
+    items, ifeat = _encode_table(items, "item", kinds, train_items, numeric, meta)
+    # context: categorical and numeric columns of the interactions themselves, fitted on the training rows
+    context = [c for c, k in kinds.items() if c in inter.columns and k in ("categorical", "numeric")]
+    train_rows = (inter["split"] == TRAIN).to_numpy()
     for col in context:
-        vocab = fit_vocab(train[col].cast(pl.String))
-        inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
-        meta["vocab_sizes"][col] = vocab.height + 1
-        meta["features"][col] = FeatureMeta("categorical", "context")
+        if kinds[col] == "categorical":
+            vocab = fit_vocab(train[col].cast(pl.String))
+            inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
+            meta["vocab_sizes"][col] = vocab.height + 1
+            meta["features"][col] = FeatureMeta("categorical", "context")
+            continue
+        values, kind = _encode_numeric(col, _floats(inter[col], "numeric"), train_rows, numeric, meta)
+        inter = inter.with_columns(pl.Series(col, values))
+        meta["features"][col] = FeatureMeta(kind, "context")
     meta["features"].update(ufeat)
     meta["features"].update(ifeat)
 
@@ -350,9 +375,10 @@ def _entities(table: pl.DataFrame | None, inter: pl.DataFrame, key: str) -> pl.D
 
 
 def _encode_table(
-    table: pl.DataFrame, side: str, kinds: dict, train_entities: np.ndarray, log_dense, meta: dict
+    table: pl.DataFrame, side: str, kinds: dict, train_entities: np.ndarray, numeric: tuple, meta: dict
 ) -> tuple[pl.DataFrame, dict]:
-    """Encode one entity table's feature columns with statistics of the entities seen in training."""
+    """Encode one entity table's feature columns with statistics of the entities seen in training;
+    `numeric` is (log_dense, numeric_buckets)."""
     key = f"{side}_id"
     out = {key: table[key], f"{key}_code": table[f"{key}_code"]}
     features = {}
@@ -377,12 +403,20 @@ def _encode_table(
             meta["vocab_sizes"][col] = vocab.height + 1
             features[col] = FeatureMeta(kind, side, max_len=int(ids.shape[1]))
             continue
-        elif kind in ("numeric", "dense_vector"):
-            values = _floats(table[col], kind)
-            values, stats = standardise(values, train_entities, log=col in log_dense, name=col)
+        elif kind == "numeric":
+            values, encoded_kind = _encode_numeric(
+                col, _floats(table[col], kind), train_entities, numeric, meta
+            )
+            out[col] = pl.Series(col, values)
+            features[col] = FeatureMeta(encoded_kind, side)
+            continue
+        elif kind == "dense_vector":
+            values, stats = standardise(
+                _floats(table[col], kind), train_entities, log=col in numeric[0], name=col
+            )
             meta["normalisers"][col] = stats
-            out[col] = pl.Series(col, values) if kind == "numeric" else pl.Series(col, values.tolist())
-            features[col] = FeatureMeta(kind, side, dim=1 if values.ndim == 1 else int(values.shape[1]))
+            out[col] = pl.Series(col, values.tolist())
+            features[col] = FeatureMeta(kind, side, dim=int(values.shape[1]))
             continue
         elif kind == "text":
             out[col] = table[col].cast(pl.String).fill_null("")
@@ -390,6 +424,77 @@ def _encode_table(
             continue
         features[col] = FeatureMeta(kind, side)
     return pl.DataFrame(out), features
+
+
+def _encode_numeric(
+    col: str, values: np.ndarray, train: np.ndarray, numeric: tuple, meta: dict
+) -> tuple[np.ndarray, str]:
+    """One numeric column [N], fitted on `train` (a boolean mask or indices): bucket codes (kind
+    "categorical") when `data.numeric_buckets` names it, else standardised floats (kind "numeric"). log1p
+    (`data.log_dense`) applies before standardising; equal-frequency buckets do not change under it."""
+    log_dense, numeric_buckets = numeric
+    if col in numeric_buckets:
+        codes, stats = bucketise(values, train, numeric_buckets[col], name=col)
+        meta["normalisers"][col] = stats
+        meta["vocab_sizes"][col] = stats["buckets"] + 1
+        return codes, "categorical"
+    values, stats = standardise(values, train, log=col in log_dense, name=col)
+    meta["normalisers"][col] = stats
+    return values, "numeric"
+
+
+def _with_time_context(
+    inter: pl.DataFrame, kinds: dict, names: list[str] | tuple[str, ...]
+) -> tuple[pl.DataFrame, dict]:
+    """`inter` with the context columns of `data.time_context` computed from its timestamps (seconds, UTC):
+
+    - hour: hour of day 0..23 (`time_hour`, categorical);
+    - weekday: day of week, 0 = Monday (`time_weekday`, categorical; 1970-01-01 was a Thursday);
+    - gap: log1p of the seconds since the user's previous interaction in the prepared log, null on the user's
+      first (`time_gap`, numeric: standardised, or bucketised by `data.numeric_buckets.time_gap`). Only the
+      past is read, so the feature is known when the interaction happens.
+    Sources without time use the row order as the timestamp; these columns are then meaningless."""
+    kinds = dict(kinds)
+    unknown = [n for n in names if n not in TIME_CONTEXT]
+    if unknown:
+        raise SourceError(f"data.time_context: unknown {unknown}; expected names from {list(TIME_CONTEXT)}")
+    for name in dict.fromkeys(names):
+        column, kind = TIME_CONTEXT[name]
+        if column in inter.columns or column in kinds:
+            raise SourceError(f"data.time_context: the source already has a column '{column}'")
+        ts = pl.col("timestamp")
+        if name == "hour":
+            expr = (ts // 3600) % 24
+        elif name == "weekday":
+            expr = (ts // 86400 + 3) % 7
+        else:  # time since the user's previous row in time order (a stable sort keeps the file order of ties)
+            order = inter.select(pl.arg_sort_by(["user_id", "timestamp"], maintain_order=True)).to_series()
+            ordered = inter[order].select(
+                (ts - ts.shift(1).over("user_id")).cast(pl.Float64).clip(lower_bound=0).log1p().alias(column)
+            )
+            inter = inter.with_columns(
+                pl.Series(column, np.empty(inter.height)).scatter(order, ordered[column])
+            )
+            kinds[column] = kind
+            continue
+        inter = inter.with_columns(expr.cast(pl.Int64).alias(column))
+        kinds[column] = kind
+    return inter, kinds
+
+
+def _check_numeric_columns(kinds: dict, numeric_buckets: dict, log_dense) -> None:
+    """`data.numeric_buckets` and `data.log_dense` may only name numeric columns."""
+    numeric = sorted(c for c, k in kinds.items() if k == "numeric")
+    vectors = sorted(c for c, k in kinds.items() if k == "dense_vector")
+    for key, names, allowed in (
+        ("numeric_buckets", numeric_buckets, numeric),
+        ("log_dense", log_dense, numeric + vectors),
+    ):
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise SourceError(
+                f"data.{key}: {bad} are not numeric columns of the source; numeric columns are {allowed}"
+            )
 
 
 def _floats(column: pl.Series, kind: str) -> np.ndarray:

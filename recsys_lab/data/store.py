@@ -94,6 +94,7 @@ class FeatureStore:
         item_entity: int64 [V], the entity of each item code (code 0, "unknown", points at entity 0 and is
             never a candidate).
         row_sparse: per-interaction categorical codes (context), each int64 [R].
+        row_dense: per-interaction numeric context values (standardised), each float32 [R].
         labels: per-interaction labels, float32 [R].
         user / item / split / timestamp: per-interaction entity indices, split codes and times, int64 [R].
         positive: bool [R], the interaction is a positive (a click, a rating above the threshold).
@@ -121,6 +122,7 @@ class FeatureStore:
         item_entity: Tensor,
         row_sparse: dict[str, Tensor],
         labels: dict[str, Tensor],
+        row_dense: dict[str, Tensor] | None = None,
         user: Tensor,
         item: Tensor,
         split: Tensor,
@@ -137,6 +139,7 @@ class FeatureStore:
         self.meta = meta
         self.users, self.items, self.item_entity = users, items, item_entity
         self.row_sparse, self.labels = row_sparse, labels
+        self.row_dense = dict(row_dense or {})
         self.user, self.item, self.split, self.timestamp, self.positive = (
             user,
             item,
@@ -203,7 +206,16 @@ class FeatureStore:
             users=EntityTable.from_frame(prepared.users, "user", meta),
             items=EntityTable.from_frame(prepared.items, "item", meta),
             item_entity=item_entity,
-            row_sparse={c: torch.as_tensor(rows[c].to_numpy().astype(np.int64)) for c in meta.context},
+            row_sparse={
+                c: torch.as_tensor(rows[c].to_numpy().astype(np.int64))
+                for c in meta.context
+                if meta.features[c].kind == "categorical"
+            },
+            row_dense={
+                c: torch.as_tensor(rows[c].to_numpy().astype(np.float32))
+                for c in meta.context
+                if meta.features[c].kind == "numeric"
+            },
             labels={c: torch.as_tensor(rows[c].to_numpy().astype(np.float32)) for c in meta.labels},
             user=user,
             item=item,
@@ -282,6 +294,7 @@ class FeatureStore:
             items=self.items.to(device),
             item_entity=self.item_entity.to(device),
             row_sparse={k: v.to(device) for k, v in self.row_sparse.items()},
+            row_dense={k: v.to(device) for k, v in self.row_dense.items()},
             labels={k: v.to(device) for k, v in self.labels.items()},
             user=self.user.to(device),
             item=self.item.to(device),
@@ -322,6 +335,14 @@ class FeatureStore:
             batch.seq[history_feature(column)] = Seq(self.items.sparse[column][hist.ids], hist.lengths)
         return hist
 
+    def unknown_context(self, batch: Batch, users: Tensor) -> None:
+        """Context of a request whose interaction has not happened yet (a ranking query, a next-item
+        prediction): categorical context is code 0 ("unknown") and numeric context 0 (its training mean)."""
+        for name in self.row_sparse:
+            batch.sparse[name] = torch.zeros_like(users)
+        for name in self.row_dense:
+            batch.dense[name] = torch.zeros(len(users), device=users.device)
+
     # ---- batches -----------------------------------------------------------------------------------------
     def impressions(self, rows: Tensor, items: Tensor | None = None) -> Batch:
         """One row per interaction: user, context, candidate item, the history before it, labels.
@@ -333,6 +354,8 @@ class FeatureStore:
         self.items.into(batch, items)
         for name, column in self.row_sparse.items():
             batch.sparse[name] = column[rows]
+        for name, column in self.row_dense.items():
+            batch.dense[name] = column[rows]
         hist = self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         for name, column in self.labels.items():
             batch.labels[name] = column[rows]
@@ -346,8 +369,7 @@ class FeatureStore:
         users = self.user[rows]
         batch = Batch()
         self.users.into(batch, users)
-        for name in self.row_sparse:
-            batch.sparse[name] = torch.zeros_like(users)
+        self.unknown_context(batch, users)
         self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         return batch
 
@@ -365,8 +387,7 @@ class FeatureStore:
         timeline `level` as history. Returns the batch and the history as item entities."""
         batch = Batch()
         self.users.into(batch, users)
-        for name in self.row_sparse:
-            batch.sparse[name] = torch.zeros_like(users)
+        self.unknown_context(batch, users)
         levels = torch.full_like(users, level)
         hist = self._history_part(batch, users, levels, self.timelines[level].lengths(users))
         return batch, hist

@@ -254,8 +254,7 @@ class SequenceView(View):
         )  # (B, L), oldest first
         batch = Batch()
         store.users.into(batch, users)
-        for name in store.row_sparse:
-            batch.sparse[name] = torch.zeros_like(users)
+        store.unknown_context(batch, users)
         ids = store.item_codes(items.ids)  # (B, L) codes; padding reads entity 0 and stays masked
         batch.seq[history_feature(store.item_key)] = Seq(ids, items.lengths, items.times)
         for column in store.history_features:

@@ -57,3 +57,29 @@ def standardise(
     mean, std = np.nan_to_num(mean), np.nan_to_num(std) + 1e-6
     out = np.nan_to_num((values - mean) / std, nan=0.0).astype(np.float32)
     return out, {"mean": np.atleast_1d(mean).tolist(), "std": np.atleast_1d(std).tolist(), "log1p": log}
+
+
+def bucketise(
+    values: np.ndarray, train_rows: np.ndarray, buckets: int, name: str = ""
+) -> tuple[np.ndarray, dict]:
+    """A numeric column [N] as equal-frequency bucket codes, boundaries fitted on `train_rows`.
+
+    The boundaries are the training quantiles at 1/n, 2/n, ..., (n-1)/n of the non-null values; repeated
+    boundaries (a value that fills several quantiles, e.g. many zeros) are merged, so there may be fewer than
+    `buckets` buckets, and the statistics say how many. Codes are 1..k (value v goes to 1 + the number of
+    boundaries <= v) and nulls get UNKNOWN, like a categorical column, so the vocabulary size is k + 1.
+    Returns int64 codes [N] and the statistics (boundaries, bucket count)."""
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 2:
+        raise ValueError(f"data.numeric_buckets.{name}: expected an integer >= 2 buckets, got {buckets!r}")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"data.numeric_buckets.{name}: only one-value numeric columns can be bucketised")
+    fit = values[train_rows]
+    fit = fit[~np.isnan(fit)]
+    if len(fit) == 0:
+        raise ValueError(f"data.numeric_buckets.{name}: the column has no training value to fit buckets on")
+    boundaries = np.unique(np.quantile(fit, np.arange(1, buckets) / buckets))
+    codes = 1 + np.searchsorted(boundaries, values, side="right")
+    codes[np.isnan(values)] = UNKNOWN
+    stats = {"boundaries": boundaries.tolist(), "buckets": len(boundaries) + 1}
+    return codes.astype(np.int64), stats

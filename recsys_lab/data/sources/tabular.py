@@ -7,6 +7,7 @@ data:
     path: /data/clicks.parquet
     columns: {user: customer, item: sku, timestamp: ts, label: clicked}  # or data.columns.user=... etc.
     item_features: {brand: categorical, tags: multi_categorical, price: numeric, name: text}
+    context_features: {device: categorical, basket_value: numeric}  # per-interaction columns
     items_path: /data/products.csv        # optional; else item features come from the interactions file
     timestamp_format: "%Y-%m-%d %H:%M:%S" # only for timestamp strings
 ```
@@ -35,6 +36,8 @@ Rules (all documented choices, none silent):
   own line even when a later row supersedes it.
 * Feature kinds: categorical (string), multi_categorical (a list, or a "|"-separated string in CSV), numeric
   (float64, null allowed), dense_vector (a list of floats, or a space-separated string in CSV), text (string).
+* Context features (`context_features`) describe the interaction itself (device, page, basket value) and stay
+  per row of the interactions file: categorical or numeric only (a context value is one token or one number).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ MULTI_SEPARATOR = "|"
 VECTOR_SEPARATOR = " "
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
 _MAPPING_KEYS = ("user", "item", "timestamp", "rating", "label")
+CONTEXT_KINDS = ("categorical", "numeric")
 _ROW = "__row"
 _EXAMPLE = (
     "python train.py data=tabular data.path=/data/clicks.parquet data.columns.user=uid data.columns.item=sku"
@@ -141,6 +145,7 @@ class Tabular:
             `data.source.columns.user=uid` both set it.
         user_features, item_features: feature column -> kind ("categorical", "multi_categorical", "numeric",
             "dense_vector", "text").
+        context_features: interaction column -> "categorical" or "numeric": per-row context of the interaction.
         items_path, users_path: feature tables keyed by the mapped item / user column; without them the
             features come from the interactions file (the value on each id's last interaction).
         timestamp_format: strptime format for timestamp strings, e.g. "%Y-%m-%dT%H:%M:%S".
@@ -155,6 +160,7 @@ class Tabular:
         items_path: str | None = None,
         users_path: str | None = None,
         timestamp_format: str | None = None,
+        context_features: dict[str, str] | None = None,
     ) -> None:
         if not path:
             raise SourceError(
@@ -165,8 +171,27 @@ class Tabular:
         self.columns = _mapping(columns)
         self.user_features = dict(user_features or {})
         self.item_features = dict(item_features or {})
+        self.context_features = dict(context_features or {})
         for name, kind in {**self.user_features, **self.item_features}.items():
             validate.check_kind(kind, f"data.source feature {name!r}")
+        for name, kind in self.context_features.items():
+            if kind not in CONTEXT_KINDS:
+                raise SourceError(
+                    f"data.source.context_features: {name!r} has kind {kind!r}; a context feature is one of "
+                    f"{list(CONTEXT_KINDS)}"
+                )
+        reserved = sorted(
+            {"user_id", "item_id", "timestamp", "rating", "split", *self.labels} & set(self.context_features)
+        )
+        if reserved:
+            raise SourceError(
+                f"data.source.context_features: {reserved} are names of the interaction table itself"
+            )
+        sides = [self.user_features, self.item_features, self.context_features]
+        named = [name for side in sides for name in side]
+        twice = sorted({n for n in named if named.count(n) > 1})
+        if twice:
+            raise SourceError(f"data.source: features {twice} are declared on more than one side")
         self.items_path = items_path
         self.users_path = users_path
         self.timestamp_format = timestamp_format
@@ -198,6 +223,7 @@ class Tabular:
             "columns": self.columns,
             "user_features": self.user_features,
             "item_features": self.item_features,
+            "context_features": self.context_features,
             "timestamp_format": self.timestamp_format,
             "separate": [bool(self.users_path), bool(self.items_path)],
             "files": file_fingerprint(path for _, path in self._files()),
@@ -231,6 +257,11 @@ class Tabular:
         if m.get("rating"):
             out.append(validate.to_float(frame, m["rating"], where).alias("rating"))
         out += [validate.to_label(frame, label, where) for label in self.labels]
+        if self.context_features:
+            validate.require_columns(
+                frame, list(self.context_features), where, expected="the context_features columns"
+            )
+            out += [_feature(frame, n, kind, where).alias(n) for n, kind in self.context_features.items()]
         return pl.DataFrame(out)
 
     def _table(
@@ -296,7 +327,7 @@ class Tabular:
             interactions=inter,
             users=users,
             items=items,
-            features={**self.user_features, **self.item_features},  # type: ignore[dict-item]
+            features={**self.user_features, **self.item_features, **self.context_features},  # type: ignore[dict-item]
             labels=self.labels,
             item_text=text[0] if text else None,
             files=[str(path) for _, path in files],
