@@ -33,6 +33,20 @@ def test_feature_interaction_models_close_half_the_gap_to_the_oracle(model, make
     assert m["test/gauc"] > 0.5
 
 
+@pytest.mark.parametrize("model", ["dien", "bst"])
+def test_behaviour_sequence_models_close_two_fifths_of_the_gap_to_the_oracle(model, make_cfg):
+    # one epoch on a seeded 100k-row training subsample (of 196k), seed 42 (measured: test AUC 0.812 DIEN,
+    # 0.825 BST, i.e. 0.63 / 0.69 of the gap; seeds 1 and 2 and data.seed=1 gave 0.56-0.61 DIEN, 0.65-0.68 BST;
+    # popularity 0.696, oracle 0.882; GAUC 0.75-0.76), about 15 s DIEN, 20 s BST on one thread once the data is
+    # cached (a full epoch: 0.831 DIEN, 0.837 BST, but 1.5-2x the time)
+    overrides = [f"model={model}", *DEFAULT_DATA, "trainer.max_epochs=1", "data.max_train_rows=100000"]
+    m = train(make_cfg(overrides))["metrics"]
+    auc, popularity, oracle = m["test/auc"], m["test/popularity_auc"], m["test/oracle_auc"]
+    assert popularity < auc < oracle
+    assert (auc - popularity) / (oracle - popularity) >= 0.4, m
+    assert m["test/gauc"] > 0.5, m
+
+
 @pytest.mark.parametrize("model", ["shared_bottom", "mmoe", "ple", "esmm"])
 def test_multitask_models_close_half_the_gap_on_clicks_and_rank_purchases(model, make_cfg):
     # one epoch, seed 42 (measured click AUC: shared-bottom 0.819, MMoE 0.810, PLE 0.814, ESMM 0.819;
