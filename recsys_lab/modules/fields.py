@@ -28,7 +28,9 @@ class FieldEmbedding(nn.Module):
       the whole field vanish from every interaction);
     - dense vector of width d (an image embedding): a Linear d -> D.
 
-    Both dense cases are one `nn.Linear(dim, D)`. Bucketised numeric features are not built here.
+    Both dense cases are one `nn.Linear(dim, D)`. A numeric column named in `data.numeric_buckets` arrives as a
+    sparse feature of bucket codes instead, and is looked up like any other id: the choice is per feature,
+    made in the data config, so every model reads it the same way.
 
     FM's first-order term is the same construction at width 1: `FieldEmbedding(schema, 1)` gives a 1-wide
     embedding per sparse feature (shared through `embed_as` like the wide tables), the masked mean of those for
