@@ -238,3 +238,47 @@ def test_dataloader_workers_draw_different_negatives(implicit):
     torch.manual_seed(0)  # the worker seeds derive from the main process's generator: reproducible
     again = list(loader)
     assert torch.equal(again[0], first) and torch.equal(again[1], second)
+
+
+def test_tensor_batches_are_the_dataloaders_batches_as_tensors():
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    from recsys_lab.data.views import TensorBatches
+
+    data = list(range(103))
+
+    def epochs(loader, n=3):
+        return [[torch.as_tensor(b).tolist() for b in loader] for _ in range(n)]
+
+    # shuffled: in a DataLoader, the same permutation per epoch as DataLoader(shuffle=True) from the same global
+    # RNG state (the loader's iterator draws its own base seed first, in both cases)
+    torch.manual_seed(5)
+    reference = epochs(DataLoader(data, batch_size=10, shuffle=True, collate_fn=lambda b: b))
+    torch.manual_seed(5)
+    ours = TensorBatches(RandomSampler(data), 10, drop_last=False)
+    got = epochs(DataLoader(data, batch_sampler=ours, collate_fn=lambda b: b))
+    assert got == reference and got[0] != got[1]  # epochs differ, as they should
+    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.long for b in ours)
+    assert len(ours) == 11 and [len(b) for b in got[0]][-1] == 3
+    # in order, with drop_last
+    ordered = TensorBatches(SequentialSampler(data), 25, drop_last=True)
+    assert [b.tolist() for b in ordered] == [list(range(s, s + 25)) for s in range(0, 100, 25)]
+    assert len(ordered) == 4
+    # any other sampler (Lightning's DistributedSampler under DDP, injected through this signature) is batched
+    # as BatchSampler would batch it
+    for rank in (0, 1):
+        spread = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        batches = TensorBatches(spread, batch_size=8, drop_last=False)
+        assert [b.tolist() for b in batches] == list(BatchSampler(spread, 8, drop_last=False))
+
+
+def test_training_loader_yields_tensor_batches_in_a_seeded_order(dm):
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    first = [b.sparse["item_id"].clone() for b in loader]
+    torch.manual_seed(0)
+    again = [b.sparse["item_id"].clone() for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    rows = sum(len(b) for b in first)
+    assert rows == len(dm.rows["train"])  # every training row once per epoch

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from recsys_lab.data.audit import audit
 from recsys_lab.data.batch import Batch
@@ -32,7 +32,7 @@ from recsys_lab.data.queries import QuerySet
 from recsys_lab.data.sampling import TrainingNegatives, candidates_from_spec, negatives_from_spec
 from recsys_lab.data.store import FeatureStore
 from recsys_lab.data.text import TextSpec  # noqa: F401  (run configs of older checkpoints name it here)
-from recsys_lab.data.views import View, ViewData
+from recsys_lab.data.views import TensorBatches, View, ViewData
 
 CTR_EVALS = ("impressions", "ranking")
 
@@ -259,10 +259,10 @@ class RecDataModule(pl.LightningDataModule):
         return self._view
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_sampler=TensorBatches(order, batch_size, drop_last=False),
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
