@@ -63,8 +63,13 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
     task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(
         net=net, schema=datamodule.schema
     )
-    # a model that reads ids only says so (`reads_history = False`): its batches skip the history gathering
-    view = datamodule.use_view(task.view, reads_history=getattr(net, "reads_history", True))
+    # a model that reads ids only says so (`reads_features = False`; `reads_history = False`: no history): its
+    # batches skip gathering what it does not read
+    view = datamodule.use_view(
+        task.view,
+        reads_history=getattr(net, "reads_history", True),
+        reads_features=getattr(net, "reads_features", True),
+    )
     task.connect(view.eval_context())
     check_optimizer(task)
     return datamodule, task

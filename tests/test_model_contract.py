@@ -187,9 +187,15 @@ def test_model_contract(name: str, tmp_path: Path) -> None:
                 assert head.shape == (len(batch),) and torch.isfinite(head).all()
             torch.testing.assert_close(model(batch), eval_heads[model.labels[0]], rtol=0, atol=0)
 
-    # a model that declares it reads ids only gets batches without history features: it must not need them
+    # a model that declares it reads no history (or nothing but the ids) gets batches without them: it must not
+    # need them
     if not getattr(model, "reads_history", True):
         bare = Batch(sparse=batch.sparse, seq={}, dense=batch.dense, labels=batch.labels)
+        with torch.no_grad():
+            torch.testing.assert_close(model(bare), model(batch), rtol=0, atol=0)
+    if not getattr(model, "reads_features", True):
+        ids = {k: batch.sparse[k] for k in (schema.user_id, schema.item_id)}
+        bare = Batch(sparse=ids, labels=batch.labels)
         with torch.no_grad():
             torch.testing.assert_close(model(bare), model(batch), rtol=0, atol=0)
 

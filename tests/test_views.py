@@ -116,6 +116,33 @@ def test_a_model_reading_ids_only_gets_batches_without_histories(dm):
         dm.use_view(CTRView)
 
 
+def test_a_model_reading_ids_only_gets_batches_of_ids(dm):
+    # (MF-BPR, LightGCN, EASE, NCF, popularity declare reads_features = False): the same rows, the same ids and
+    # targets, and nothing else: no user, item or context features, no history
+    full = dm.use_view(PairwiseView)
+    try:
+        bare = dm.use_view(PairwiseView, reads_features=False)
+        assert (full.describe()["features_gathered"], bare.describe()["features_gathered"]) == ("all", "ids")
+        assert not bare.describe()["history_gathered"]
+        index = list(range(20))
+        rich, ids = full.train_dataset().__getitems__(index), bare.train_dataset().__getitems__(index)
+        assert {"age", "hour", "cat2"} <= set(rich.sparse) and "price" in rich.dense
+        assert set(ids.sparse) == {"user_id", "item_id"} and ids.seq == {} and ids.dense == {}
+        for name in ("user_id", "item_id"):
+            assert torch.equal(ids.sparse[name], rich.sparse[name])
+        assert ids.labels.keys() == rich.labels.keys()
+        assert ids.targets.keys() == rich.targets.keys() == {"negative_item"}
+        targets = dm.queries["test"].eval_targets(torch.arange(3))
+        query = bare.store.query_batch(targets, level=1)
+        assert set(query.sparse) == {"user_id"} and query.seq == {} and query.dense == {}
+        assert set(bare.store.items_batch(torch.tensor([1, 2])).sparse) == {"item_id"}
+        assert (
+            "age" in dm.store.users.sparse and dm.store.row_sparse
+        )  # the DataModule's own store is untouched
+    finally:
+        dm.use_view(CTRView)
+
+
 def test_retrieval_train_rows_are_training_clicks(dm, ref, retrieval):
     assert retrieval.evaluation == "ranking"
     dataset = retrieval.train_dataset()

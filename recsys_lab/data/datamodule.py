@@ -237,9 +237,12 @@ class RecDataModule(pl.LightningDataModule):
         return rows, queries
 
     # ---- the view a task trains on -------------------------------------------------------------------------
-    def use_view(self, view_type: type[View], reads_history: bool = True) -> View:
+    def use_view(
+        self, view_type: type[View], reads_history: bool = True, reads_features: bool = True
+    ) -> View:
         """Build `view_type` over the prepared tables; the loaders serve it from now on. With `reads_history`
-        False (a model that reads ids only) its batches carry no `hist_*` features."""
+        False its batches carry no `hist_*` features; with `reads_features` False (a model that reads the user
+        and item ids only) they carry nothing but the ids, labels and targets."""
         self.setup()
         oracle_column = self.prepared().meta.oracle
         oracle = (
@@ -248,6 +251,7 @@ class RecDataModule(pl.LightningDataModule):
             else None
         )
         store = self.store if reads_history else self.store.without_history()
+        store = store if reads_features else store.ids_only()
         data = ViewData(store, self.rows, self.queries, self.negatives, self.ctr_eval, oracle, self.seed)
         self._view = view_type(data)
         return self._view
@@ -269,7 +273,10 @@ class RecDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.view.train_dataset(), self.batch_size, shuffle=True)
+        # Lightning turns shuffling off for `overfit_batches` by looking at `DataLoader.sampler`, which a
+        # batch sampler leaves sequential, so it would not see ours: do what it would do
+        overfit = self.trainer is not None and bool(self.trainer.overfit_batches)
+        return self._loader(self.view.train_dataset(), self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.view.eval_dataset("val"), self.eval_batch_size, shuffle=False)

@@ -150,6 +150,7 @@ class FeatureStore:
         self.timelines, self.timeline_times, self.n_prior = timelines, timeline_times, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
         self.gather_history = gather_history
+        self.features_gathered = "all"  # "ids" after `ids_only()`
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -314,6 +315,17 @@ class FeatureStore:
         """The same tables (shared, not copied) with batches that carry no history features."""
         store = copy.copy(self)
         store.gather_history = False
+        return store
+
+    def ids_only(self) -> FeatureStore:
+        """The same rows with batches that carry only the user and item ids (and labels, targets): for
+        models that read nothing else (`reads_features = False`), whose small steps (BPR: ~3 ms) would
+        otherwise spend a sixth of their time gathering user, item and context features nobody reads."""
+        store = self.without_history()
+        store.users = EntityTable({"user_id": self.users.sparse["user_id"]}, {}, {})
+        store.items = EntityTable({self.item_key: self.items.sparse[self.item_key]}, {}, {})
+        store.row_sparse, store.row_dense = {}, {}
+        store.features_gathered = "ids"
         return store
 
     # ---- pieces ------------------------------------------------------------------------------------------

@@ -195,6 +195,7 @@ class View:
             "evaluation": self.evaluation,
             "eval_candidates": meta.eval_candidates if self.evaluation == "ranking" else "logged impressions",
             "history_gathered": self.store.gather_history,
+            "features_gathered": self.store.features_gathered,
         }
 
     def _check_evaluable(self, stage: str) -> None:

@@ -36,7 +36,7 @@ class EASE(nn.Module):
     encode_query(batch) -> (B, V); encode_item(item batch) -> (N, V); forward(batch) -> (B,), their row-wise dot.
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(self, schema: Schema, l2: float = 250.0, max_items: int = 50_000) -> None:
         super().__init__()

@@ -80,7 +80,7 @@ class LightGCN(nn.Module):
     encode_query(batch) -> (B, D); encode_item(item batch) -> (N, D); forward(batch) -> (B,), their row-wise dot.
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(
         self, schema: Schema, embedding_dim: int = 64, num_layers: int = 3, init_std: float = 0.1

@@ -27,7 +27,7 @@ class MFBPR(nn.Module):
     forward(batch) -> (B,), the row-wise dot product of the two.
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(self, schema: Schema, embedding_dim: int = 64, item_bias: bool = False) -> None:
         super().__init__()

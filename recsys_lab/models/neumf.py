@@ -95,7 +95,7 @@ class GMF(nn.Module):
     forward(batch) -> logits (B,); encode_query(batch) -> (B, k + 1); encode_item(item batch) -> (N, k + 1).
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
         super().__init__()
@@ -130,7 +130,7 @@ class NCFMLP(nn.Module):
     forward(batch) -> logits (B,).
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(
         self,
@@ -201,7 +201,7 @@ class NeuMF(nn.Module):
     forward(batch) -> logits (B,).
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(
         self,

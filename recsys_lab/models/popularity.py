@@ -20,7 +20,7 @@ class Popularity(nn.Module):
         schema: needs `item_counts` (fitted by the DataModule on the training split).
     """
 
-    reads_history = False  # ids only: the data layer skips gathering `hist_*` features for it
+    reads_features = False  # ids only: its batches carry the user and item ids, nothing else
 
     def __init__(self, schema: Schema) -> None:
         super().__init__()
