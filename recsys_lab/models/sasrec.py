@@ -58,6 +58,7 @@ class SASRec(nn.Module):
         num_blocks: stacked blocks (paper: 2).
         num_heads: attention heads (paper: 1).
         dropout: on the inputs, the attention weights and every sub-layer output (paper, ML-1M: 0.2).
+        feed_forward_dim: the FFN's inner width; None = D, the paper's (RecBole's SASRec uses 256 = 4D).
 
     encode_sequence(batch) -> (B, L, D); encode_query(batch) -> (B, D), the state at the last real item;
     item_table() -> (V, D); encode_item(batch) -> (N, D); forward(batch) -> (B,), their row-wise dot.
@@ -70,6 +71,7 @@ class SASRec(nn.Module):
         num_blocks: int = 2,
         num_heads: int = 1,
         dropout: float = 0.2,
+        feed_forward_dim: int | None = None,
     ) -> None:
         super().__init__()
         sequence = item_sequence(schema, "SASRec")
@@ -80,7 +82,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(
             SASRecBlock(
                 MultiHeadSelfAttention(embedding_dim, num_heads, dropout),
-                FeedForward(embedding_dim, embedding_dim, nn.ReLU(), dropout),
+                FeedForward(embedding_dim, feed_forward_dim or embedding_dim, nn.ReLU(), dropout),
                 embedding_dim,
                 dropout,
             )
