@@ -232,3 +232,26 @@ def test_models_train_on_bucketised_and_time_context_features(model, make_cfg):
     assert results["protocol"]["numeric_buckets"] == {"price": 8}
     assert "time_gap" in results["protocol"]["context_features"]
     assert math.isfinite(results["metrics"]["test/auc"])
+
+
+@pytest.mark.parametrize("model", ["din", "deepfm"])
+def test_context_ablation_runs_end_to_end(model, make_cfg):
+    # the same model with and without the simulator's context (hour, weekday, device) on a small simulator
+    runs = {}
+    for context in ("true", "false"):
+        cfg = make_cfg(
+            [
+                f"model={model}",
+                "data=ecommerce",
+                *SMALL_DATA,
+                "logger=none",
+                f"data.context={context}",
+                "debug=fast_dev_run",
+            ]
+        )
+        runs[context] = train(cfg)
+    assert runs["true"]["protocol"]["context_features"] == ["hour", "weekday", "device"]
+    assert runs["false"]["protocol"]["context_features"] == []
+    # the same rows are scored; only the features differ
+    assert runs["true"]["protocol"]["test_rows_used"] == runs["false"]["protocol"]["test_rows_used"]
+    assert runs["true"]["metrics"]["test/auc"] != runs["false"]["metrics"]["test/auc"]
