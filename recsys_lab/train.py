@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.data.datamodule import RecDataModule
+from recsys_lab.modules.finetune import parameter_counts
 from recsys_lab.tasks.base import RecTask
 from recsys_lab.utils.callbacks import RandomState, TrainingClock
 from recsys_lab.utils.checks import (
@@ -108,6 +109,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState(), clock]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     training = training_summary(trainer, datamodule)
+    # what trains: a frozen or adapted encoder (model/finetune) shows here
+    training["trainable_parameters"], training["total_parameters"] = parameter_counts(task)
     run_info["training"] = training
     for logger in loggers:
         logger.log_hyperparams(run_info)

@@ -9,6 +9,7 @@ from transformers import AutoModel
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
+from recsys_lab.modules.finetune import FinetunePolicy, Full
 from recsys_lab.utils.pretrained import resolve_pretrained
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -26,6 +27,8 @@ class BERTCrossEncoder(nn.Module):
         sha256: expected sha256 of the folder's model.safetensors; checked before loading.
         allow_download: let `from_pretrained` fetch a hub id (needs network). Off: strictly local files.
         dropout: dropout on the [CLS] vector before the scoring layer.
+        finetune: what of the encoder trains (`recsys_lab.modules.finetune`: Full, Frozen, TopK, LoRA, IA3;
+            config group `model/finetune`); None = Full. The scoring head always trains.
 
     Input: batch.text "input_ids", "attention_mask", "token_type_ids", int64 [B, T]. Output: logits [B].
     """
@@ -37,6 +40,7 @@ class BERTCrossEncoder(nn.Module):
         sha256: str | None = None,
         allow_download: bool = False,
         dropout: float = 0.1,
+        finetune: FinetunePolicy | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(schema, Schema):
@@ -53,6 +57,9 @@ class BERTCrossEncoder(nn.Module):
         self._uses_token_types = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, 1)
+        # last, so that the head starts the same whatever the policy draws (LoRA's A matrices are random)
+        self.finetune = finetune if finetune is not None else Full()
+        self.encoder = self.finetune.apply(self.encoder)  # may wrap it (peft adapters)
 
     def forward(self, batch: Batch) -> Tensor:
         missing = [key for key in TEXT_KEYS if key not in batch.text]
@@ -68,3 +75,7 @@ class BERTCrossEncoder(nn.Module):
         hidden = self.encoder(**inputs).last_hidden_state  # (B, T, D)
         cls = self.dropout(hidden[:, 0])  # (B, D)
         return self.head(cls).squeeze(-1)  # (B,)
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA / IA3 weights into the encoder (for export and serving): the same scores, no adapter."""
+        self.encoder = self.finetune.merge(self.encoder)
