@@ -54,6 +54,12 @@ CASES = [
         r"trainer\.strategy=ddp, trainer\.devices=2: .*FittedTask is fitted in closed form .* use trainer=default",
     ),
     (
+        "a fine-tuning policy on a model without a pretrained encoder",
+        "din",
+        lambda t: ["model/finetune=lora"],
+        r"^config error: model/finetune \(model\.net\.finetune\): recsys_lab\.models\.din\.DIN has no pretrained encoder",
+    ),
+    (
         "missing checkpoint",
         "din",
         lambda t: [f"ckpt_path={t / 'nope.ckpt'}"],

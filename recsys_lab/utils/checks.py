@@ -3,6 +3,7 @@ unwritable output folders, and the message `train.py` prints instead of a traceb
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,24 @@ def validate_config(cfg: DictConfig) -> None:
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ConfigError(f"model.optimizer.lr={lr}: expected a positive number")
     _check_fitted_runs_in_one_process(cfg)
+    _check_finetune_target(cfg)
+
+
+def _check_finetune_target(cfg: DictConfig) -> None:
+    """`model/finetune=...` only means something for a model that loads a pretrained encoder: say so in one
+    line instead of a constructor error deep inside instantiation."""
+    net = (cfg.get("model") or {}).get("net") or {}
+    if net.get("finetune") is None or not net.get("_target_"):
+        return
+    try:
+        accepts = "finetune" in inspect.signature(hydra.utils.get_class(net._target_)).parameters
+    except Exception:  # an unknown target fails with its own error when the model is built
+        return
+    if not accepts:
+        raise ConfigError(
+            f"model/finetune (model.net.finetune): {net._target_} has no pretrained encoder to fine-tune; "
+            "it applies to models with a `finetune` argument (bert_cross_encoder)"
+        )
 
 
 def _check_fitted_runs_in_one_process(cfg: DictConfig) -> None:
