@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from recsys_lab.models.bert_cross_encoder import BERTCrossEncoder
-from recsys_lab.modules.finetune import IA3, Frozen, Full, LoRA, TopK, parameter_counts, transformer_layers
+from recsys_lab.modules.finetune import (
+    IA3,
+    Adapter,
+    Frozen,
+    Full,
+    LoRA,
+    TopK,
+    parameter_counts,
+    transformer_layers,
+)
 from recsys_lab.train import train
 from recsys_lab.utils.testing import tiny_schema
 from recsys_lab.utils.testing_text import build_tiny_bert
@@ -106,6 +115,29 @@ def test_ia3_trains_only_its_vectors_and_merges(tiny_bert):
         torch.testing.assert_close(model(batch), adapted, rtol=1e-5, atol=1e-6)
 
 
+def test_bottleneck_adapters_start_as_the_pretrained_encoder_and_train_alone(tiny_bert):
+    model = build(tiny_bert, Adapter(size=4))
+    plain = build(tiny_bert, Full()).eval()
+    batch = text_batch(tiny_bert)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(batch), plain(batch), rtol=0, atol=1e-6
+        )  # up = 0 at the start
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if ".down." in n or ".up." in n}
+    # two layers x two adapters x (down 32x4 + 4, up 4x32 + 32)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in adapters) == 2 * 2 * (
+        32 * 4 + 4 + 4 * 32 + 32
+    )
+    assert trainable - adapters == {n for n in trainable if "LayerNorm" in n or n.startswith("head.")}
+    assert not any("embeddings" in n for n in trainable)
+    model.train()
+    moved = changed(model, one_step(model, tiny_bert))
+    assert moved and moved <= trainable  # frozen weights are bit-identical after the step
+    with pytest.raises(ValueError, match=r"model.net.finetune.size: expected an integer >= 1"):
+        Adapter(size=0)
+
+
 def test_policy_errors_name_the_key(tiny_bert):
     with pytest.raises(ValueError, match=r"model.net.finetune.k: expected an integer >= 0"):
         TopK(-1)
@@ -115,7 +147,7 @@ def test_policy_errors_name_the_key(tiny_bert):
         TopK(1).apply(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("policy", ["frozen", "top_k", "lora"])
+@pytest.mark.parametrize("policy", ["frozen", "top_k", "lora", "ia3", "adapter"])
 def test_config_group_selects_the_policy_and_the_run_prints_the_counts(policy, make_cfg, tmp_path):
     cfg = make_cfg(
         [*model_overrides("bert_cross_encoder", tmp_path), f"model/finetune={policy}", "debug=fast_dev_run"]

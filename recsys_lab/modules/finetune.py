@@ -1,6 +1,6 @@
 """How much of a pretrained encoder trains: freezing policies and parameter-efficient adapters (through `peft`).
 
-A policy is chosen in config (`model/finetune=frozen|top_k|full|lora|ia3`, the group `conf/model/finetune/`,
+A policy is chosen in config (`model/finetune=frozen|top_k|full|lora|ia3|adapter`, the group `conf/model/finetune/`,
 packaged at `model.net.finetune`) and applied by the model to its pretrained encoder right after loading:
 `encoder = policy.apply(encoder)`. The model's own heads always train. The run prints trainable and total
 parameters (`training.trainable_parameters`, `training.total_parameters`).
@@ -14,6 +14,9 @@ parameters (`training.trainable_parameters`, `training.total_parameters`).
   W gets a trainable low-rank update (alpha / r) · B A (A: r x in, B: out x r, B = 0 at the start, so training
   starts from the pretrained function); W stays frozen. `merge(encoder)` folds B A into W for serving: the same
   function with no adapter left.
+- `Adapter(size)`: Houlsby et al., ICML 2019 (arXiv:1902.00751): a residual bottleneck MLP (D -> size -> D,
+  starting as the identity) after the attention and feed-forward outputs of every layer; adapters and
+  LayerNorms train.
 - `IA3(target_modules, feedforward_modules)`: Liu et al., NeurIPS 2022 (arXiv:2205.05638): learned vectors
   rescale the keys, values and the feed-forward activations; fewer parameters than LoRA.
 
@@ -160,6 +163,66 @@ class IA3(_Peft):
 
     def describe(self) -> dict:
         return {**super().describe(), "target_modules": self.target_modules}
+
+
+class Bottleneck(nn.Module):
+    """A residual bottleneck adapter after a sub-layer's output projection: y = h + up(GELU(down(h))), with
+    `up` zero-initialised so that the adapted layer starts as the pretrained one (Houlsby et al., ICML 2019,
+    arXiv:1902.00751, fig. 2).
+
+    forward(x (..., in)) -> (..., out): the wrapped projection, then the adapter on its output.
+    """
+
+    def __init__(self, projection: nn.Linear, size: int) -> None:
+        super().__init__()
+        self.projection = projection
+        width = projection.out_features
+        self.down, self.act, self.up = nn.Linear(width, size), nn.GELU(), nn.Linear(size, width)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        h = self.projection(x)  # (..., D)
+        return h + self.up(self.act(self.down(h)))  # (..., D)
+
+
+class Adapter(FinetunePolicy):
+    """Houlsby bottleneck adapters (arXiv:1902.00751): one after the attention output projection and one after
+    the feed-forward output projection of every transformer layer, each a residual D -> `size` -> D MLP that
+    starts as the identity; the adapters and the layers' LayerNorms train (as in the paper), the rest is frozen.
+    The adapter is non-linear, so `merge` leaves it in place (there is nothing to fold)."""
+
+    name = "adapter"
+
+    def __init__(self, size: int = 64, gradient_checkpointing: bool = False) -> None:
+        super().__init__(gradient_checkpointing)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"model.net.finetune.size: expected an integer >= 1, got {size!r}")
+        self.size = size
+
+    def _apply(self, encoder: nn.Module) -> nn.Module:
+        layers = transformer_layers(encoder)
+        encoder.requires_grad_(False)
+        for layer in layers:
+            outputs = [
+                getattr(getattr(layer, "attention", None), "output", None),
+                getattr(layer, "output", None),
+            ]
+            if any(o is None or not isinstance(getattr(o, "dense", None), nn.Linear) for o in outputs):
+                raise ValueError(
+                    f"model/finetune=adapter: {type(layer).__name__} has no attention.output.dense / output.dense "
+                    "projections (a BERT-family layer is expected)"
+                )
+            for output in outputs:
+                output.dense = Bottleneck(output.dense, self.size)  # new modules: trainable
+                if isinstance(getattr(output, "LayerNorm", None), nn.LayerNorm):
+                    output.LayerNorm.requires_grad_(True)
+        return encoder
+
+    def describe(self) -> dict:
+        return {**super().describe(), "size": self.size}
 
 
 def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
