@@ -82,9 +82,7 @@ class TopK(FinetunePolicy):
 
     def __init__(self, k: int = 2, gradient_checkpointing: bool = False) -> None:
         super().__init__(gradient_checkpointing)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"model.net.finetune.k: expected an integer >= 0, got {k!r}")
-        self.k = k
+        self.k = _integer("k", k, minimum=0)
 
     def _apply(self, encoder: nn.Module) -> nn.Module:
         layers = transformer_layers(encoder)
@@ -129,9 +127,8 @@ class LoRA(_Peft):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(gradient_checkpointing)
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"model.net.finetune.r: expected an integer >= 1, got {r!r}")
-        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, list(target_modules)
+        self.r = _integer("r", r, minimum=1)
+        self.alpha, self.dropout, self.target_modules = alpha, dropout, list(target_modules)
 
     def _config(self):
         from peft import LoraConfig
@@ -198,9 +195,7 @@ class Adapter(FinetunePolicy):
 
     def __init__(self, size: int = 64, gradient_checkpointing: bool = False) -> None:
         super().__init__(gradient_checkpointing)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"model.net.finetune.size: expected an integer >= 1, got {size!r}")
-        self.size = size
+        self.size = _integer("size", size, minimum=1)
 
     def _apply(self, encoder: nn.Module) -> nn.Module:
         layers = transformer_layers(encoder)
@@ -223,6 +218,13 @@ class Adapter(FinetunePolicy):
 
     def describe(self) -> dict:
         return {**super().describe(), "size": self.size}
+
+
+def _integer(key: str, value, minimum: int) -> int:
+    """`value` if it is an integer >= minimum (bool is not), else one error naming `model.net.finetune.<key>`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"model.net.finetune.{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
