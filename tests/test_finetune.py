@@ -159,3 +159,16 @@ def test_config_group_selects_the_policy_and_the_run_prints_the_counts(policy, m
         make_cfg([*model_overrides("bert_cross_encoder", tmp_path), "debug=fast_dev_run"], tmp_path / "f")
     )
     assert full["training"]["trainable_parameters"] == full["training"]["total_parameters"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
+    grads = {}
+    for flag in (False, True):
+        model = build(tiny_bert, Full(gradient_checkpointing=flag)).train()
+        assert model.encoder.is_gradient_checkpointing == flag
+        batch = text_batch(tiny_bert)
+        torch.manual_seed(1)  # the same dropout masks; checkpointing replays them when it recomputes
+        F.binary_cross_entropy_with_logits(model(batch), batch.labels["click"]).backward()
+        grads[flag] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-5, atol=1e-7, msg=name)
