@@ -23,7 +23,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -42,7 +42,8 @@ TIME_CONTEXT = {
     "weekday": ("time_weekday", "categorical"),
     "gap": ("time_gap", "numeric"),
 }
-MAX_LIST_LEN = 16  # tokens kept per multi-categorical value (e.g. genres of a movie)
+MAX_LIST_LEN = 16
+_ROW = "__row"  # a temporary row-number column  # tokens kept per multi-categorical value (e.g. genres of a movie)
 
 
 class DataCacheError(RuntimeError):
@@ -304,7 +305,7 @@ def prepare(
     meta["vocab_sizes"]["user_id"] = user_vocab.height + 1
     meta["vocab_sizes"]["item_id"] = item_vocab.height + 1
 
-    numeric = (log_dense, numeric_buckets)
+    numeric = NumericEncoding(list(log_dense), numeric_buckets)
     users, ufeat = _encode_table(users, "user", kinds, train_users, numeric, meta)
     items, ifeat = _encode_table(items, "item", kinds, train_items, numeric, meta)
     # context: categorical and numeric columns of the interactions themselves, fitted on the training rows
@@ -375,10 +376,14 @@ def _entities(table: pl.DataFrame | None, inter: pl.DataFrame, key: str) -> pl.D
 
 
 def _encode_table(
-    table: pl.DataFrame, side: str, kinds: dict, train_entities: np.ndarray, numeric: tuple, meta: dict
+    table: pl.DataFrame,
+    side: str,
+    kinds: dict,
+    train_entities: np.ndarray,
+    numeric: NumericEncoding,
+    meta: dict,
 ) -> tuple[pl.DataFrame, dict]:
-    """Encode one entity table's feature columns with statistics of the entities seen in training;
-    `numeric` is (log_dense, numeric_buckets)."""
+    """Encode one entity table's feature columns with statistics of the entities seen in training."""
     key = f"{side}_id"
     out = {key: table[key], f"{key}_code": table[f"{key}_code"]}
     features = {}
@@ -412,7 +417,7 @@ def _encode_table(
             continue
         elif kind == "dense_vector":
             values, stats = standardise(
-                _floats(table[col], kind), train_entities, log=col in numeric[0], name=col
+                _floats(table[col], kind), train_entities, log=col in numeric.log_dense, name=col
             )
             meta["normalisers"][col] = stats
             out[col] = pl.Series(col, values.tolist())
@@ -426,19 +431,26 @@ def _encode_table(
     return pl.DataFrame(out), features
 
 
+class NumericEncoding(NamedTuple):
+    """How numeric columns are encoded: `log_dense` ones take log1p before standardising; `buckets`
+    ({column: n}) ones become up to n equal-frequency bucket codes instead."""
+
+    log_dense: list[str]
+    buckets: dict[str, int]
+
+
 def _encode_numeric(
-    col: str, values: np.ndarray, train: np.ndarray, numeric: tuple, meta: dict
+    col: str, values: np.ndarray, train: np.ndarray, numeric: NumericEncoding, meta: dict
 ) -> tuple[np.ndarray, str]:
     """One numeric column [N], fitted on `train` (a boolean mask or indices): bucket codes (kind
     "categorical") when `data.numeric_buckets` names it, else standardised floats (kind "numeric"). log1p
     (`data.log_dense`) applies before standardising; equal-frequency buckets do not change under it."""
-    log_dense, numeric_buckets = numeric
-    if col in numeric_buckets:
-        codes, stats = bucketise(values, train, numeric_buckets[col], name=col)
+    if col in numeric.buckets:
+        codes, stats = bucketise(values, train, numeric.buckets[col], name=col)
         meta["normalisers"][col] = stats
         meta["vocab_sizes"][col] = stats["buckets"] + 1
         return codes, "categorical"
-    values, stats = standardise(values, train, log=col in log_dense, name=col)
+    values, stats = standardise(values, train, log=col in numeric.log_dense, name=col)
     meta["normalisers"][col] = stats
     return values, "numeric"
 
@@ -464,20 +476,18 @@ def _with_time_context(
             raise SourceError(f"data.time_context: the source already has a column '{column}'")
         ts = pl.col("timestamp")
         if name == "hour":
-            expr = (ts // 3600) % 24
+            values = inter.select((ts // 3600) % 24).to_series()
         elif name == "weekday":
-            expr = (ts // 86400 + 3) % 7
-        else:  # time since the user's previous row in time order (a stable sort keeps the file order of ties)
-            order = inter.select(pl.arg_sort_by(["user_id", "timestamp"], maintain_order=True)).to_series()
-            ordered = inter[order].select(
-                (ts - ts.shift(1).over("user_id")).cast(pl.Float64).clip(lower_bound=0).log1p().alias(column)
+            values = inter.select((ts // 86400 + 3) % 7).to_series()
+        else:  # seconds since the user's previous row in time order (a stable sort keeps the file order of ties)
+            gap = (ts - ts.shift(1).over("user_id")).cast(pl.Float64).clip(lower_bound=0).log1p()
+            values = (
+                inter.with_row_index(_ROW)
+                .sort(["user_id", "timestamp"], maintain_order=True)
+                .select(_ROW, gap.alias(column))
+                .sort(_ROW)[column]
             )
-            inter = inter.with_columns(
-                pl.Series(column, np.empty(inter.height)).scatter(order, ordered[column])
-            )
-            kinds[column] = kind
-            continue
-        inter = inter.with_columns(expr.cast(pl.Int64).alias(column))
+        inter = inter.with_columns(values.alias(column))
         kinds[column] = kind
     return inter, kinds
 

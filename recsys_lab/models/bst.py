@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
-from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense
+from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense, pooled_width
 from recsys_lab.modules.mlp import MLP
 from recsys_lab.modules.sequence import (
     FeedForward,
@@ -108,8 +108,7 @@ class BST(nn.Module):
         input_dim = (
             (self.max_len + 1) * width
             + len(self.other_sparse) * embedding_dim
-            + len(self.other_seq) * embedding_dim
-            + sum(schema[name].dim for name in self.dense_features)
+            + pooled_width(schema, embedding_dim, self.other_seq, self.dense_features)
         )
         self.mlp = MLP(input_dim, mlp_hidden, activation=leaky_relu, dropout=dropout, output_dim=1)
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.modules.attention import TargetAttention
-from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense
+from recsys_lab.modules.embeddings import FeatureEmbedding, pooled_seq_and_dense, pooled_width
 from recsys_lab.modules.mlp import MLP, Dice
 from recsys_lab.modules.sequence import behaviour_history
 
@@ -53,8 +53,7 @@ class DIN(nn.Module):
         input_dim = (
             len(self.sparse_features) * embedding_dim
             + item_dim
-            + len(self.other_seq) * embedding_dim
-            + sum(schema[name].dim for name in self.dense_features)
+            + pooled_width(schema, embedding_dim, self.other_seq, self.dense_features)
         )
         self.mlp = MLP(input_dim, mlp_hidden, activation=Dice, dropout=dropout, output_dim=1)
 

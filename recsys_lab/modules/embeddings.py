@@ -72,6 +72,13 @@ def pooled_seq_and_dense(
     return parts
 
 
+def pooled_width(
+    schema: Schema, embedding_dim: int, seq_names: Sequence[str], dense_names: Sequence[str]
+) -> int:
+    """The width of `pooled_seq_and_dense`'s parts side by side: D per seq feature plus the dense features'."""
+    return len(seq_names) * embedding_dim + sum(schema[name].dim for name in dense_names)
+
+
 def concat_dense(batch: Batch, names: Sequence[str]) -> Tensor:
     """Dense features `names` side by side: float (B, sum of dims). A [B] feature becomes one column."""
     columns = [batch.dense[n].unsqueeze(-1) if batch.dense[n].dim() == 1 else batch.dense[n] for n in names]
