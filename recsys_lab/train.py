@@ -72,7 +72,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
         reads_features=getattr(net, "reads_features", True),
     )
     task.connect(view.eval_context())
-    check_optimizer(task)
+    if cfg.get("train", True):  # train=false (zero-shot, test only) builds no optimizer
+        check_optimizer(task)
     return datamodule, task
 
 

@@ -18,7 +18,7 @@ SMALL_DATA = [
 def model_overrides(model: str, tmp_path: Path) -> list[str]:
     """Overrides that make a model config run on small data (a tiny random BERT instead of MiniLM)."""
     extra = []
-    if model == "bert_cross_encoder":
+    if model in ("bert_cross_encoder", "two_tower_text"):
         from recsys_lab.utils.testing_text import build_tiny_bert
 
         extra = [f"model.net.pretrained={build_tiny_bert(tmp_path / 'bert')}", "model.net.sha256=null"]

@@ -37,8 +37,9 @@ from recsys_lab.models.popularity import Popularity
 from recsys_lab.models.sasrec import SASRec
 from recsys_lab.models.shared_bottom import SharedBottom
 from recsys_lab.models.two_tower import TwoTower
+from recsys_lab.models.two_tower_text import TextTwoTower
 from recsys_lab.utils.testing import random_batch, tiny_schema
-from recsys_lab.utils.testing_text import build_tiny_bert
+from recsys_lab.utils.testing_text import build_tiny_bert, tiny_item_tokens
 
 
 @dataclass
@@ -115,6 +116,24 @@ MODELS: dict[str, Case] = {
     "bert_cross_encoder": Case(
         lambda schema, folder: BERTCrossEncoder(schema, pretrained=build_tiny_bert(folder / "bert")),
         batch=text_batch,
+    ),
+    # item texts ride on the schema (`schema.item_text`); the hybrid tower and the "titles" user side
+    "two_tower_text": Case(
+        lambda schema, folder: TextTwoTower(
+            schema, pretrained=build_tiny_bert(folder / "bert"), output_dim=6, id_dropout=0.0
+        ),
+        schema=lambda: tiny_item_tokens(tiny_schema(), seed=0),
+    ),
+    "two_tower_text_titles": Case(
+        lambda schema, folder: TextTwoTower(
+            schema,
+            pretrained=build_tiny_bert(folder / "bert"),
+            output_dim=6,
+            user_text="titles",
+            pooling="cls",
+            id_embeddings=False,
+        ),
+        schema=lambda: tiny_item_tokens(tiny_schema(), seed=0),
     ),
     "popularity": Case(lambda schema, _: Popularity(schema)),
     "gru4rec": Case(lambda schema, _: GRU4Rec(schema, embedding_dim=4, hidden_dim=6, num_layers=2)),

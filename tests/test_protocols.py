@@ -286,3 +286,33 @@ def test_real_movielens_100k_prepares_leak_free(make_cfg):
     assert p["rows_in"] == 100_000 and p["users_out"] == 943
     assert p["removed_core"] + p["rows_out"] == 100_000  # nothing dropped without a count
     assert p["test_queries"] == 943 and p["leakage_audit"]["status"] == "passed"
+
+
+def test_cold_items_get_codes_after_the_training_vocabulary(tmp_path):
+    """`data.cold_items`: items without a training interaction (the simulator's late releases among them) are
+    ranked with codes of their own; the warm vocabulary is unchanged, and their held-out interactions become
+    targets instead of "unknown" counts."""
+    from tests.datamodule_fixtures import make_dm, ready
+
+    plain = ready(make_dm(tmp_path / "a"), RetrievalView)
+    cold = ready(make_dm(tmp_path / "b", cold_items=True), RetrievalView)
+    first = cold.schema.first_cold_item
+    assert plain.schema.first_cold_item is None and first == plain.schema.num_items
+    plain_codes, codes = plain.store.items.sparse["item_id"], cold.store.items.sparse["item_id"]
+    warm = plain_codes > 0
+    assert torch.equal(codes[warm], plain_codes[warm])  # the training vocabulary is the same
+    assert (codes[~warm] >= first).all() and len(set(codes[~warm].tolist())) == int((~warm).sum())
+    assert cold.schema.num_items == first + int((~warm).sum()) and (codes > 0).all()
+    trained = torch.zeros(len(codes), dtype=torch.bool)
+    trained[cold.store.item[cold.store.split == 0]] = True
+    assert torch.equal(trained, warm)  # cold = no training interaction at all
+    assert (cold.schema.item_counts[first:] == 0).all()
+    for stage in ("val", "test"):
+        targets = cold.queries[stage].targets.values
+        n_cold = int((targets >= first).sum())
+        assert cold.counts[f"{stage}_targets_cold_item"] == n_cold
+        assert cold.counts[f"{stage}_targets_unknown_item"] == 0
+        assert plain.counts[f"{stage}_targets_unknown_item"] >= n_cold  # counted there, ranked here
+    assert cold.counts["test_targets_cold_item"] > 0  # the simulator releases items late
+    assert cold.audit_report["status"] == "passed"
+    assert cold.describe()["cold_items"] is True and cold.describe()["cold_item_codes"] == int((~warm).sum())

@@ -156,3 +156,59 @@ def test_ties_in_the_catalogue_take_their_expected_rank():
     assert got["recall@3"] == pytest.approx(1.0, abs=1e-6)
     assert got["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, abs=1e-6)
     assert got["ndcg@3"] == pytest.approx(dcg([1, 2, 3]) / 3, abs=1e-6)
+
+
+# Cold-start slice (`data.cold_items`): codes >= first_cold_item are items without a training interaction.
+COLD_SCORES = torch.tensor(
+    [
+        [10.0, 9.0, 1.0, 5.0, 7.0, 3.0],  # user 0: warm target 1 (9) above cold target 4 (7)
+        [10.0, 1.0, 8.0, 2.0, 3.0, 4.0],  # user 1: warm target 2 only: not in the slice
+    ]
+)
+
+
+class ColdScores(nn.Module):
+    def encode_query(self, batch: Batch) -> torch.Tensor:
+        return nn.functional.one_hot(batch.sparse["user_id"], 2).float()
+
+    def encode_item(self, batch: Batch) -> torch.Tensor:
+        return COLD_SCORES.T[batch.sparse["item_id"]]
+
+
+def cold_evaluate(first_cold_item: int, candidates: Seq | None = None) -> dict[str, float]:
+    users = torch.tensor([0, 1])
+    batch = Batch(
+        sparse={"user_id": users},
+        eval=EvalTargets(
+            users, seq([[1, 4], [2]]), Seq(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2)), candidates
+        ),
+    )
+    evaluation = RankingEvaluation((1, 3), first_cold_item=first_cold_item)
+    context = EvalContext("ranking", V, catalogue=catalogue, pairs=pairs)
+    evaluation.start(ColdScores(), context, torch.device("cpu"))
+    evaluation.step(ColdScores(), batch, "test", context.pairs, V)
+    return {k: float(v) for k, v in evaluation.end("test").items()}
+
+
+def test_cold_slice_ranks_cold_targets_without_the_warm_ones():
+    got = cold_evaluate(first_cold_item=4)
+    # overall: user 0 ranks 1 (9) then 4 (7): recall@1 = 1/2; user 1 ranks 2 (8) first: recall@1 = 1
+    assert got["recall@1"] == pytest.approx((1 / 2 + 1) / 2)
+    # slice: only user 0, only target 4, warm target 1 out of the ranking -> 4 (7), 3 (5), 5 (3): rank 1
+    assert got["cold/recall@1"] == pytest.approx(1.0) and got["cold/mrr"] == pytest.approx(1.0)
+    assert got["cold/ndcg@3"] == pytest.approx(1.0)
+    # every logged name is declared (the monitor check reads them)
+    assert set(RankingEvaluation((1, 3), first_cold_item=4).metric_names()) == set(got)
+
+
+def test_cold_slice_under_sampled_candidates():
+    # user 0's candidates: targets 1, 4 then negatives 3, 5; user 1: target 2 then negatives 1, 3
+    got = cold_evaluate(4, candidates=seq([[1, 4, 3, 5], [2, 1, 3]]))
+    assert got["cold/recall@1"] == pytest.approx(1.0)  # 4 (7) over 3 (5) and 5 (3); 1 taken out
+    got = cold_evaluate(5, candidates=seq([[1, 4, 3, 5], [2, 1, 3]]))  # no target is cold now
+    assert math.isnan(got["cold/recall@1"]) and not math.isnan(got["recall@1"])
+
+
+def test_without_cold_items_there_is_no_slice():
+    evaluation = RankingEvaluation((1, 3))
+    assert not any(name.startswith("cold/") for name in evaluation.metric_names())

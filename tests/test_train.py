@@ -30,6 +30,7 @@ MODELS = [
     "ple",
     "esmm",
     "two_tower",
+    "two_tower_text",
     "bert_cross_encoder",
     "popularity",
     "popularity_retrieval",

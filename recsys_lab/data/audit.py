@@ -76,14 +76,18 @@ def audit(prepared, store, queries: dict) -> dict:
     counts[0] = 0
     if not np.array_equal(counts, item_counts.numpy()):
         raise LeakageError("leakage audit: item popularity counts differ from the training split's")
+    first_cold = store.meta.first_cold_item  # `data.cold_items`: codes from here on are the untrained items
     for side, ids, table in (("item", item, store.items), ("user", user, store.users)):
         in_train = np.zeros(len(table.sparse[f"{side}_id"]), dtype=bool)
         in_train[ids[split == TRAIN]] = True
-        vocab = table.sparse[f"{side}_id"].numpy() > 0
-        if (vocab & ~in_train).any():
+        codes = table.sparse[f"{side}_id"].numpy()
+        cold = codes >= first_cold if side == "item" and first_cold is not None else np.zeros_like(in_train)
+        if (((codes > 0) & ~cold) & ~in_train).any():
             raise LeakageError(
                 f"leakage audit: the {side}_id vocabulary holds {side}s never seen in training"
             )
+        if (cold & in_train).any():
+            raise LeakageError("leakage audit: an item with a cold-start code has training interactions")
     checks.append("vocabularies and popularity fitted on training rows")
 
     # 4. ranking queries: held-out targets are not in the query's history; candidates are never positives

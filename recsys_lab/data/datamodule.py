@@ -74,6 +74,11 @@ class RecDataModule(pl.LightningDataModule):
             models project linearly. Per feature; the others stay linear.
         time_context: context computed from each interaction's timestamp for any source: "hour" (hour of day),
             "weekday", "gap" (log seconds since the user's previous interaction); columns `time_<name>`.
+        cold_items: give catalogue items without a training interaction codes of their own (after the training
+            vocabulary) so that they are ranking candidates and targets: content models (text, image) can rank
+            them, id embeddings cannot (theirs never train). Every ranking evaluation then also logs the
+            cold-start slice `{stage}/cold/...` (targets on those items). Off: they keep code 0 and their
+            held-out interactions are counted as `*_targets_unknown_item`.
         text: tokenizer and pair layout for language models; None for models without text.
         max_train_rows / max_eval_rows: seeded subsample of training rows / evaluation rows or queries; None
             keeps all. Used to keep CPU runs of large models short; printed with the results.
@@ -101,6 +106,7 @@ class RecDataModule(pl.LightningDataModule):
         log_dense: list[str] | tuple[str, ...] = (),
         numeric_buckets: dict[str, int] | None = None,
         time_context: list[str] | tuple[str, ...] = (),
+        cold_items: bool = False,
         text: TextSpec | None = None,
         max_train_rows: int | None = None,
         max_eval_rows: int | None = None,
@@ -134,6 +140,7 @@ class RecDataModule(pl.LightningDataModule):
         self.log_dense = list(log_dense)
         self.numeric_buckets = dict(numeric_buckets or {})
         self.time_context = list(time_context or ())
+        self.cold_items = bool(cold_items)
         self.text = text
         self.max_train_rows, self.max_eval_rows = max_train_rows, max_eval_rows
         self.num_workers, self.seed = num_workers, seed
@@ -154,6 +161,7 @@ class RecDataModule(pl.LightningDataModule):
                 "log_dense": sorted(self.log_dense),
                 "numeric_buckets": self.numeric_buckets,
                 "time_context": self.time_context,
+                "cold_items": self.cold_items,
                 "prepare_version": PREPARE_VERSION,
             },
             sort_keys=True,
@@ -184,6 +192,7 @@ class RecDataModule(pl.LightningDataModule):
             oracle=raw.oracle,
             numeric_buckets=self.numeric_buckets,
             time_context=self.time_context,
+            cold_items=self.cold_items,
         )
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------
@@ -305,6 +314,7 @@ class RecDataModule(pl.LightningDataModule):
             "history_features": self.history_features,
             "context_features": self.store.meta.context if self._ready else None,
             "time_context": self.time_context,
+            "cold_items": self.cold_items,
             "numeric_buckets": self.numeric_buckets,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,

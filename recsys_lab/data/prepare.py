@@ -34,7 +34,7 @@ from recsys_lab.data.splits import TEST, TRAIN, VAL
 from recsys_lab.data.store import Ragged
 from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: data.cold_items (first_cold_item in meta)
 STAGES = {"train": TRAIN, "val": VAL, "test": TEST}
 # context derived from each interaction's timestamp (`data.time_context`): name -> (column, kind)
 TIME_CONTEXT = {
@@ -82,6 +82,8 @@ class PreparedMeta:
         has_negatives: per stage, whether its rows hold negative labels (impression logs do).
         split: the split's description; cutoffs: its fitted time cutoffs (temporal splits).
         eval_candidates: the candidate protocol's name ("full", "uniform_100", ...).
+        first_cold_item: with `data.cold_items`, the first code of the items that have no training interaction
+            (codes first_cold_item..V-1, after the training vocabulary); None when they are not ranked.
     """
 
     features: dict[str, FeatureMeta]
@@ -97,6 +99,7 @@ class PreparedMeta:
     split: dict[str, Any]
     cutoffs: list[Any]
     eval_candidates: str
+    first_cold_item: int | None = None
 
     def without_context(self) -> PreparedMeta:
         """The same dataset described without its interaction context features (the `data.context=false`
@@ -257,8 +260,13 @@ def prepare(
     oracle: str | None = None,
     numeric_buckets: dict[str, int] | None = None,
     time_context: list[str] | tuple[str, ...] = (),
+    cold_items: bool = False,
 ) -> Prepared:
     """Filter, split, fit on train and encode `raw` (see the module docstring).
+
+    `cold_items` gives every catalogue item without a training interaction a code after the training
+    vocabulary, so that content models can rank it (its id embedding never trains); otherwise such items keep
+    code 0 and their held-out interactions are counted as unrankable targets.
 
     `numeric_buckets` ({column: n}) turns numeric columns into categorical ones of up to n equal-frequency
     buckets (training quantiles); the other numeric columns are standardised. `time_context` adds context
@@ -304,6 +312,10 @@ def prepare(
     items = items.with_columns(pl.Series("item_id_code", encode(items["item_id"], item_vocab)))
     meta["vocab_sizes"]["user_id"] = user_vocab.height + 1
     meta["vocab_sizes"]["item_id"] = item_vocab.height + 1
+    if cold_items:
+        items, meta["first_cold_item"] = _with_cold_codes(items, item_vocab.height + 1)
+        meta["vocab_sizes"]["item_id"] = int(items["item_id_code"].max()) + 1
+        counts["cold_item_codes"] = meta["vocab_sizes"]["item_id"] - meta["first_cold_item"]
 
     numeric = NumericEncoding(list(log_dense), numeric_buckets)
     users, ufeat = _encode_table(users, "user", kinds, train_users, numeric, meta)
@@ -353,7 +365,10 @@ def prepare(
         cutoffs=list(getattr(split, "cutoffs_", ()) or ()),
     )
     mask_seen = getattr(eval_candidates, "mask_seen", True)  # False: RecBole's sequential full ranking
-    queries = {s: _queries(rows, item_code, STAGES[s], counts, mask_seen) for s in ("val", "test")}
+    queries = {
+        s: _queries(rows, item_code, STAGES[s], counts, mask_seen, meta.get("first_cold_item"))
+        for s in ("val", "test")
+    }
     if eval_candidates is not None:
         queries = {
             s: _with_candidates(q, rows, item_code, counts_per_code, eval_candidates, s)
@@ -517,8 +532,24 @@ def _floats(column: pl.Series, kind: str) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, dim))
 
 
+def _with_cold_codes(items: pl.DataFrame, first: int) -> tuple[pl.DataFrame, int]:
+    """Codes first, first+1, ... for the items outside the training vocabulary (code 0), in item_id order
+    (deterministic); returns the table and `first`."""
+    cold = items["item_id_code"].to_numpy() == 0
+    codes = items["item_id_code"].to_numpy().copy()
+    order = np.argsort(items["item_id"].to_numpy()[cold], kind="stable")
+    cold_rows = np.flatnonzero(cold)[order]
+    codes[cold_rows] = np.arange(first, first + len(cold_rows), dtype=np.int64)
+    return items.with_columns(pl.Series("item_id_code", codes)), first
+
+
 def _queries(
-    rows: pl.DataFrame, item_code: np.ndarray, stage: int, counts: dict, mask_seen: bool = True
+    rows: pl.DataFrame,
+    item_code: np.ndarray,
+    stage: int,
+    counts: dict,
+    mask_seen: bool = True,
+    first_cold_item: int | None = None,
 ) -> pl.DataFrame:
     """Ranking queries of one stage: each user with positives in the stage, as of the stage's start.
 
@@ -548,6 +579,8 @@ def _queries(
         pl.col("seen").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
     )
     counts[f"{name}_targets_unknown_item"] = unknown
+    if first_cold_item is not None:  # `data.cold_items`: targets on items without a training interaction
+        counts[f"{name}_targets_cold_item"] = int((targets["targets"].explode() >= first_cold_item).sum())
     counts[f"{name}_users_without_new_targets"] = int(period["user"].n_unique() - queries.height)
     counts[f"{name}_queries"] = queries.height
     return queries.sort("user").with_columns(pl.lit(None, dtype=pl.List(pl.Int64)).alias("candidates"))

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from recsys_lab.data.text import ItemTokens
 
 Kind = Literal["sparse", "seq", "dense", "text"]
 Side = Literal["user", "item", "context"]
@@ -56,6 +59,10 @@ class Schema:
             it and sampled-softmax losses use it as the sampling probability for logQ correction.
         train_pairs: int64 [P, 2], the (user code, item code) of every positive training interaction: the
             user-item graph of LightGCN and the interaction matrix of EASE, fitted on the training split only.
+        first_cold_item: with `data.cold_items`, item codes >= this are catalogue items without a training
+            interaction (ranked, and reported as the cold-start slice); None when there are none.
+        item_text: every item code's text as token ids (`recsys_lab.data.text.ItemTokens`), when `data.text`
+            is set: what text towers encode.
     """
 
     features: list[Feature]
@@ -64,6 +71,8 @@ class Schema:
     labels: list[str] = field(default_factory=lambda: ["click"])
     item_counts: Tensor | None = None
     train_pairs: Tensor | None = None
+    first_cold_item: int | None = None
+    item_text: ItemTokens | None = None
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]

@@ -246,10 +246,15 @@ class FeatureStore:
         for column in [self.item_key, *self.history_features]:  # what `_history_part` writes
             name = history_feature(column)
             feats.append(Feature(name, "seq", "user", vocab_size=v[column], max_len=L, embed_as=column))
-        if self.text is not None:
+        if self.text is not None and self.text.pairs:
             feats.append(Feature("pair_text", "text", "context", max_len=self.text.max_length))
         return Schema(
-            feats, labels=list(self.meta.labels), item_counts=self.item_counts, train_pairs=self.train_pairs()
+            feats,
+            labels=list(self.meta.labels),
+            item_counts=self.item_counts,
+            train_pairs=self.train_pairs(),
+            first_cold_item=self.meta.first_cold_item,
+            item_text=self.text.by_code(self.item_entity) if self.text is not None else None,
         )
 
     def train_positive_rows(self) -> Tensor:
@@ -371,7 +376,7 @@ class FeatureStore:
         hist = self._history_part(batch, users, self.split[rows], self.n_prior[rows])
         for name, column in self.labels.items():
             batch.labels[name] = column[rows]
-        if self.text is not None and hist is not None:
+        if self.text is not None and self.text.pairs and hist is not None:
             batch.text = self.text.pair_inputs(hist, items)
         return batch
 
@@ -418,7 +423,7 @@ class FeatureStore:
         items = self.item_entity[codes.reshape(-1)]  # (B*C,)
         batch, hist = self._query_part(users, level)
         self.items.into(batch, items)
-        if self.text is not None and hist is not None:
+        if self.text is not None and self.text.pairs and hist is not None:
             batch.text = self.text.pair_inputs(hist, items)
         return batch
 

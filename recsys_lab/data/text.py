@@ -1,14 +1,17 @@
-"""Text inputs for cross-encoders: tokenize every item once, then assemble (history, candidate) pairs per batch.
+"""Text inputs for language-model recommenders: tokenize every item once, then assemble inputs per batch.
 
 Tokenizing a pair per row per step is where text recommenders lose their time; here the DataModule tokenizes each
-item's text once (`tokenize_texts`) and every batch is assembled from that table with tensor ops only
-(`build_pair_inputs`): gather the tokens of the history items and the candidate into one wide [B, W] matrix with a
-validity mask, then compact the valid tokens to the left and cut/pad to `max_length`.
+item's text once (`tokenize_texts`) and every batch is assembled from that table with tensor ops only.
+Cross-encoders read (history, candidate) pairs (`build_pair_inputs`: gather the tokens of the history items and
+the candidate into one wide [B, W] matrix with a validity mask, then compact the valid tokens to the left and
+cut/pad to `max_length`); text towers read one item's text (`item_inputs`) or the user's recent titles alone
+(`build_pair_inputs` without candidates), from the per-code table `ItemTokens` that the schema carries.
+`trim_padding` then cuts a batch to its longest row (dynamic padding).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import torch
@@ -27,6 +30,8 @@ class TextSpec:
         max_item_tokens: tokens kept per item text.
         max_history_items: most recent history items whose texts are put in front of the candidate.
         allow_download: let transformers fetch a hub id (off: nothing waits on a network).
+        pairs: build the cross-encoder's (history, candidate) inputs into every batch; text towers, which read
+            the per-item token table from the schema (`ItemTokens`), set it off.
     """
 
     pretrained: str
@@ -34,6 +39,25 @@ class TextSpec:
     max_item_tokens: int = 24
     max_history_items: int = 5
     allow_download: bool = False
+    pairs: bool = True
+
+
+@dataclass
+class ItemTokens:
+    """Every item code's text as token ids without special tokens (code 0, unknown, is empty): what text
+    towers encode. Carried by the schema (`Schema.item_text`) when `data.text` is set.
+
+    tokens: int64 [V, T] right-padded with pad_id; lengths: int64 [V]; cls_id / sep_id / pad_id: the
+    tokenizer's special tokens; history_sep_id: the token put between the titles of a history (";" when the
+    tokenizer has it as one token, else [SEP]).
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    history_sep_id: int
 
 
 @dataclass
@@ -51,6 +75,8 @@ class TextTables:
     pad_id: int
     max_length: int
     max_history_items: int
+    history_sep_id: int | None = None
+    pairs: bool = True
 
     @classmethod
     def tokenize(cls, spec: TextSpec, texts: list[str]) -> TextTables:
@@ -62,6 +88,7 @@ class TextTables:
         path = resolve_pretrained(spec.pretrained, allow_download=spec.allow_download)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not spec.allow_download)
         tokens, lengths = tokenize_texts(tokenizer, texts, spec.max_item_tokens)
+        semicolon = tokenizer(";", add_special_tokens=False)["input_ids"]
         return cls(
             item_tokens=tokens,
             item_lengths=lengths,
@@ -70,7 +97,17 @@ class TextTables:
             pad_id=tokenizer.pad_token_id,
             max_length=spec.max_length,
             max_history_items=spec.max_history_items,
+            history_sep_id=semicolon[0] if len(semicolon) == 1 else tokenizer.sep_token_id,
+            pairs=spec.pairs,
         )
+
+    def by_code(self, item_entity: Tensor) -> ItemTokens:
+        """The table re-indexed by item code (`item_entity`: int64 [V], the entity of each code); code 0 is
+        unknown and gets the empty text."""
+        lengths = self.item_lengths[item_entity].clone()
+        lengths[0] = 0
+        sep = self.history_sep_id if self.history_sep_id is not None else self.sep_id
+        return ItemTokens(self.item_tokens[item_entity], lengths, self.cls_id, self.sep_id, self.pad_id, sep)
 
     def pair_inputs(self, history: Seq, items: Tensor) -> dict[str, Tensor]:
         """Cross-encoder inputs for B (history item entities [B, L], candidate entity [B]) pairs."""
@@ -87,15 +124,45 @@ class TextTables:
         )
 
     def to(self, device: torch.device | str) -> TextTables:
-        return TextTables(
-            self.item_tokens.to(device),
-            self.item_lengths.to(device),
-            self.cls_id,
-            self.sep_id,
-            self.pad_id,
-            self.max_length,
-            self.max_history_items,
+        return replace(
+            self, item_tokens=self.item_tokens.to(device), item_lengths=self.item_lengths.to(device)
         )
+
+
+def item_inputs(table: ItemTokens, codes: Tensor) -> dict[str, Tensor]:
+    """Encoder inputs "[CLS] text [SEP]" of item codes [N]: "input_ids" and "attention_mask" int64 [N, T + 2],
+    right-padded (cut them with `trim_padding`)."""
+    tokens, lengths = table.tokens[codes], table.lengths[codes]  # (N, T), (N,)
+    n = len(codes)
+    ids = torch.cat(
+        [tokens.new_full((n, 1), table.cls_id), tokens, tokens.new_full((n, 1), table.pad_id)], dim=1
+    )  # (N, T + 2)
+    ids.scatter_(1, (lengths + 1).unsqueeze(1), table.sep_id)  # [SEP] right after the text
+    mask = torch.arange(ids.shape[1], device=ids.device) < (lengths + 2).unsqueeze(1)  # (N, T + 2)
+    return {"input_ids": torch.where(mask, ids, table.pad_id), "attention_mask": mask.long()}
+
+
+def history_inputs(table: ItemTokens, history: Seq, max_items: int, max_length: int) -> dict[str, Tensor]:
+    """Encoder inputs "[CLS] title ; title ; ... [SEP]" of the `max_items` most recent history items (codes
+    [B, L] with lengths), most recent first, cut to `max_length` tokens from the oldest end."""
+    return build_pair_inputs(
+        table.tokens,
+        table.lengths,
+        history,
+        None,
+        cls_id=table.cls_id,
+        sep_id=table.sep_id,
+        pad_id=table.pad_id,
+        max_length=max_length,
+        max_history_items=max_items,
+        history_sep_id=table.history_sep_id,
+    )
+
+
+def trim_padding(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Dynamic padding: cut right-padded inputs to the longest row of the batch (at least one column)."""
+    width = max(int(inputs["attention_mask"].sum(1).max()) if len(inputs["attention_mask"]) else 1, 1)
+    return {key: value[:, :width] for key, value in inputs.items()}
 
 
 def tokenize_texts(tokenizer, texts: list[str], max_tokens: int) -> tuple[Tensor, Tensor]:
@@ -137,7 +204,7 @@ def build_pair_inputs(
     item_tokens: Tensor,
     item_lengths: Tensor,
     history: Seq,
-    candidates: Tensor,
+    candidates: Tensor | None,
     *,
     cls_id: int,
     sep_id: int,
@@ -146,7 +213,8 @@ def build_pair_inputs(
     max_history_items: int,
     history_sep_id: int | None = None,
 ) -> dict[str, Tensor]:
-    """Cross-encoder inputs "[CLS] history [SEP] candidate [SEP]" for B (user, candidate) pairs.
+    """Cross-encoder inputs "[CLS] history [SEP] candidate [SEP]" for B (user, candidate) pairs; with
+    `candidates=None`, the history alone: "[CLS] history [SEP]" (a text tower's query).
 
     The history segment holds the token ids of the user's `max_history_items` most recent items, most recent
     first, concatenated; with `history_sep_id` set, that token follows each history item (e.g. the id of ";"),
@@ -158,9 +226,9 @@ def build_pair_inputs(
         item_tokens: int64 [N_items, T] token ids per item, right-padded (from `tokenize_texts`).
         item_lengths: int64 [N_items] valid tokens per item.
         history: item ids [B, L], right-padded, most recent item at position lengths - 1; lengths [B].
-        candidates: int64 [B] candidate item ids.
+        candidates: int64 [B] candidate item ids, or None (no candidate segment).
         cls_id / sep_id / pad_id: the tokenizer's special token ids.
-        max_length: output width (>= 3: [CLS] and two [SEP] always fit).
+        max_length: output width (>= 3: [CLS] and two [SEP] always fit; >= 2 without candidates).
         max_history_items: most recent history items to read (0 reads none).
         history_sep_id: optional token appended after every history item.
 
@@ -168,19 +236,27 @@ def build_pair_inputs(
         "input_ids", "attention_mask", "token_type_ids": int64 [B, max_length], right-padded; token_type_ids is
         0 for [CLS], the history and the first [SEP], 1 for the candidate and the last [SEP].
     """
-    if max_length < 3:
-        raise ValueError(f"build_pair_inputs: max_length must be >= 3 ([CLS] + 2 x [SEP]), got {max_length}")
+    pair = candidates is not None
+    if max_length < 2 + pair:
+        raise ValueError(
+            f"build_pair_inputs: max_length must be >= {2 + pair} ([CLS] + {1 + pair} x [SEP]), got {max_length}"
+        )
     if max_history_items < 0:
         raise ValueError(f"build_pair_inputs: max_history_items must be >= 0, got {max_history_items}")
     device = item_tokens.device
     item_tokens = item_tokens.long()
     batch_size, history_len = history.ids.shape
     width = item_tokens.shape[1]  # T
-    budget = max_length - 3  # tokens left for history + candidate after [CLS], [SEP], [SEP]
+    budget = max_length - 2 - pair  # tokens left for history + candidate after [CLS], [SEP] (, [SEP])
 
-    # Candidate segment: kept whole unless it alone exceeds the budget.
-    cand_tokens = item_tokens[candidates]  # (B, T)
-    cand_len = item_lengths[candidates].clamp(max=budget)  # (B,)
+    # Candidate segment: kept whole unless it alone exceeds the budget (empty without candidates).
+    if pair:
+        cand_tokens = item_tokens[candidates]  # (B, T)
+        cand_len = item_lengths[candidates].clamp(max=budget)  # (B,)
+    else:
+        width = 0
+        cand_tokens = item_tokens.new_zeros(batch_size, 0)
+        cand_len = torch.zeros(batch_size, dtype=torch.long, device=device)
     cand_valid = torch.arange(width, device=device).unsqueeze(0) < cand_len.unsqueeze(1)  # (B, T)
 
     # History segment, most recent first: the k-th most recent item sits at position lengths - 1 - k.
@@ -208,24 +284,28 @@ def build_pair_inputs(
 
     # Wide matrix [CLS] history [SEP] candidate [SEP], padded with invalid columns to at least max_length.
     col = torch.ones(batch_size, 1, dtype=torch.long, device=device)
-    extra = max(0, max_length - (3 + num_items * item_width + width))
+    last = col[:, :pair]  # the closing [SEP] of the candidate (none without candidates)
+    extra = max(0, max_length - (2 + pair + num_items * item_width + width))
     tokens = torch.cat(
         [
             col * cls_id,
             hist_tokens,
             col * sep_id,
             cand_tokens,
-            col * sep_id,
+            last * sep_id,
             col.new_full((batch_size, extra), pad_id),
         ],
         dim=1,
     )  # (B, W)
     ones = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
     valid = torch.cat(
-        [ones, hist_valid, ones, cand_valid, ones, ones.new_zeros(batch_size, extra)], dim=1
+        [ones, hist_valid, ones, cand_valid, ones[:, :pair], ones.new_zeros(batch_size, extra)], dim=1
     )  # (B, W)
     segment_b = torch.zeros(tokens.shape[1], dtype=torch.long, device=device)  # (W,)
-    segment_b[2 + num_items * item_width : 3 + num_items * item_width + width] = 1  # candidate + last [SEP]
+    if pair:
+        segment_b[2 + num_items * item_width : 3 + num_items * item_width + width] = (
+            1  # candidate + last [SEP]
+        )
     types = segment_b.expand(batch_size, -1)  # (B, W)
 
     # Compact: a stable sort on "is padding" moves valid tokens left in their original order. A sort rather than

@@ -48,7 +48,7 @@ class RecTask(pl.LightningModule):
         self.net, self.schema = net, schema
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         try:
-            self.ranking = RankingEvaluation(ks)
+            self.ranking = RankingEvaluation(ks, first_cold_item=schema.first_cold_item)
         except ValueError as err:
             raise ValueError(f"model.ks={list(ks) if isinstance(ks, Sequence) else ks}: {err}") from None
         self.context: EvalContext | None = None
@@ -79,13 +79,30 @@ class RecTask(pl.LightningModule):
         return f"val/ndcg@{min(self.ranking.ks)}" if self.evaluation == "ranking" else "val/auc"
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self._parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)},
         }
+
+    def _parameter_groups(self) -> list[dict]:
+        """What the optimizer updates: the net's own groups where it defines them (`net.param_groups()`, e.g. a
+        smaller rate for pretrained weights) plus the task's other parameters; frozen weights are left out."""
+        own = getattr(self.net, "param_groups", None)
+        groups = (
+            own() if callable(own) else [{"params": [p for p in self.net.parameters() if p.requires_grad]}]
+        )
+        in_net = {id(p) for p in self.net.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_net]
+        groups = [g for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+        if not groups:
+            raise ValueError(
+                f"{type(self.net).__name__} has no trainable parameter (a frozen encoder without heads?): "
+                "nothing to fit; evaluate it as it is with train=false"
+            )
+        return groups
 
     # ---- evaluation: public API ----------------------------------------------------------------------------
     def begin_evaluation(self, stage: str) -> None:
@@ -130,7 +147,9 @@ class RecTask(pl.LightningModule):
     # ---- Lightning hooks -----------------------------------------------------------------------------------
     def _log_stage(self, stage: str) -> None:
         values = self.end_evaluation(stage)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        headline = {f"{stage}/{k}": v for k, v in values.items() if "/" not in k}
+        self.log_dict(headline, prog_bar=stage == "val")
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if "/" in k})  # slices (cold/...)
 
     def on_validation_epoch_start(self) -> None:
         self.begin_evaluation("val")

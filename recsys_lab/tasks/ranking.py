@@ -15,10 +15,16 @@ fastest path the model offers:
 Full ranking masks code 0 (items unknown to the training vocabulary) and every item the user interacted with
 before the period; `FullRankingMetrics` then reduces each chunk (ties: the expected value under random
 tie-breaking, see `recsys_lab.metrics.ranking`).
+
+With `data.cold_items` the catalogue holds items that have no training interaction (codes >= the schema's
+`first_cold_item`), and every stage also reports the cold-start slice `cold/...`: the queries with a target on
+such an item, each of those targets ranked against the candidates less the query's other (warm) targets, so a
+warm hit neither helps nor hurts it. A stage without such targets reports NaN for the slice.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -53,19 +59,30 @@ class RankingEvaluation(nn.Module):
         ks: cut-offs of recall/ndcg/hit.
         pair_chunk: (query, candidate) rows per forward pass for models without encoders.
         item_chunk: items per forward pass when encoding the catalogue.
+        first_cold_item: item codes >= this have no training interaction (`data.cold_items`); None: no
+            cold-start slice.
     """
 
     def __init__(
-        self, ks: Sequence[int] = (10, 20, 50), pair_chunk: int = 65536, item_chunk: int = 65536
+        self,
+        ks: Sequence[int] = (10, 20, 50),
+        pair_chunk: int = 65536,
+        item_chunk: int = 65536,
+        first_cold_item: int | None = None,
     ) -> None:
         super().__init__()
-        self.metrics = nn.ModuleDict({stage: FullRankingMetrics(ks) for stage in ("val", "test")})
+        self.first_cold_item = first_cold_item
+        slices = ("", "_cold") if first_cold_item is not None else ("",)
+        self.metrics = nn.ModuleDict(
+            {stage + part: FullRankingMetrics(ks) for stage in ("val", "test") for part in slices}
+        )
         self.ks = self.metrics["val"].ks
         self.pair_chunk, self.item_chunk = pair_chunk, item_chunk
         self._items: Tensor | None = None
 
     def metric_names(self) -> list[str]:
-        return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+        names = [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+        return names + ([f"cold/{n}" for n in names] if self.first_cold_item is not None else [])
 
     @torch.no_grad()
     def start(self, net: nn.Module, context: EvalContext, device: torch.device) -> None:
@@ -134,9 +151,34 @@ class RankingEvaluation(nn.Module):
     ) -> None:
         scores, relevant = self.scores(net, batch, stage, pairs, num_items)
         self.metrics[stage].update(scores, relevant)
+        if self.first_cold_item is not None:
+            self._update_cold(batch, stage, scores, relevant)
+
+    def _update_cold(self, batch: Batch, stage: str, scores: Tensor, relevant: Tensor) -> None:
+        """The cold-start slice: queries with a target on an untrained item, only those targets relevant and
+        the query's other targets taken out of the ranking."""
+        cands = batch.eval.candidates
+        codes = cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
+        cold = relevant & (codes >= self.first_cold_item)  # (B, C)
+        rows = cold.any(1)
+        if rows.any():
+            cold, relevant = cold[rows], relevant[rows]
+            self.metrics[f"{stage}_cold"].update(
+                scores[rows].masked_fill(relevant & ~cold, float("-inf")), cold
+            )
 
     def end(self, stage: str) -> dict[str, Tensor]:
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
+        if self.first_cold_item is not None:
+            cold = self.metrics[f"{stage}_cold"]
+            try:  # compute() syncs the counts first, so every process takes the same branch
+                with warnings.catch_warnings():  # "compute before update": expected where no target is cold
+                    warnings.simplefilter("ignore", UserWarning)
+                    sliced = cold.compute()
+            except RuntimeError:  # no query of this stage has a cold target
+                sliced = dict.fromkeys(values, values["mrr"].new_tensor(float("nan")))
+            values |= {f"cold/{k}": v for k, v in sliced.items()}
+            cold.reset()
         self._items = None
         return values

@@ -74,3 +74,22 @@ def build_tiny_bert(folder: str | os.PathLike, seed: int = 0) -> str:
         model = BertModel(config)
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_item_tokens(schema, seed: int = 0, max_tokens: int = 6):
+    """`schema` with random item texts of the tiny vocabulary (`schema.item_text`): 1..max_tokens word ids per
+    item code, code 0 empty, the special ids of `build_tiny_bert`'s tokenizer."""
+    import dataclasses
+
+    from recsys_lab.data.text import ItemTokens
+
+    vocab = tiny_vocab()
+    ids = {token: i for i, token in enumerate(vocab)}
+    g = torch.Generator().manual_seed(seed)
+    V = schema.num_items
+    lengths = torch.randint(1, max_tokens + 1, (V,), generator=g)
+    lengths[0] = 0
+    words = torch.randint(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(WORDS), (V, max_tokens), generator=g)
+    tokens = torch.where(torch.arange(max_tokens) < lengths.unsqueeze(1), words, ids["[PAD]"])
+    text = ItemTokens(tokens, lengths, ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], ids[";"])
+    return dataclasses.replace(schema, item_text=text)
