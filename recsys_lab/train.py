@@ -116,9 +116,12 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     for logger in loggers:
         logger.log_hyperparams(run_info)
 
+    metrics: dict[str, float] = {}
     if cfg.get("train"):
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
-    metrics: dict[str, float] = {}
+    elif cfg.get("test"):  # evaluated as built (zero-shot): validated too, so that a sweep can select on it
+        trainer.validate(task, datamodule=datamodule)
+        metrics.update(stage_metrics(trainer, datamodule.view, "val")[0])
     best = best_score(trainer)
     if best is not None:
         metrics[f"best_{cfg.monitor}"] = best
@@ -146,7 +149,9 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "output_dir": str(output_dir),
     }
     if cfg.get("repro") is not None:  # a published setup (conf/experiment/repro): expected vs obtained
-        results["reproduction"] = check_reproduction(cfg.repro, metrics, cfg.get("protocol_preset"))
+        results["reproduction"] = check_reproduction(
+            cfg.repro, metrics, cfg.get("protocol_preset"), config=cfg
+        )
     if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
         write_results(results, output_dir)
         print_reproduction(results.get("reproduction"))

@@ -22,4 +22,10 @@ def model_overrides(model: str, tmp_path: Path) -> list[str]:
         from recsys_lab.utils.testing_text import build_tiny_bert
 
         extra = [f"model.net.pretrained={build_tiny_bert(tmp_path / 'bert')}", "model.net.sha256=null"]
+    if model == "llm_ranker":
+        from recsys_lab.utils.testing_text import build_tiny_causal_lm
+
+        folder = build_tiny_causal_lm(tmp_path / "llm")
+        extra = [f"model.net.pretrained={folder}", "model.net.gguf_file=null", "model.net.sha256=null"]
+        extra.append("model.net.answers=[yes,no]")
     return [f"model={model}", "data=ecommerce", *SMALL_DATA, "logger=none", *extra]

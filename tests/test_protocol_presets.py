@@ -18,7 +18,7 @@ from tests.helpers import REPO
 from tests.source_fixtures import ML100K, random_ml1m, random_ml100k
 
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "protocol").glob("*.yaml"))
-CTR_PRESETS = {"recbole_ctr", "recbole_ctr_seq"}
+CTR_PRESETS = {"recbole_ctr", "recbole_ctr_seq", "tallrec_movie"}
 # presets that rank 100 sampled negatives need a catalogue of well over 100 items: the generated ML-1M files
 ML1M_PRESETS = {"ncf_sampled", "sasrec_sampled", "bert4rec_sampled"}
 
@@ -86,6 +86,17 @@ EXPECTED: dict[str, dict] = {
         "evaluation": "ranking",
         "eval_candidates": "full",
         "train_negatives": None,
+    },
+    "tallrec_movie": {
+        "split": "last_samples",
+        "samples": 10000,
+        "min_history": 10,
+        "ratios": [0.8, 0.1, 0.1],
+        "preprocess": {**LABELLED, "deduplicate": "none", **NO_FILTER},
+        "evaluation": "impressions",
+        "train_negatives": None,
+        "history_len": 10,
+        "cold_items": True,
     },
 }
 

@@ -33,6 +33,7 @@ REQUIRED = {
     "sasrec_ce_ml1m": "sasrec",
     "hstu_ml1m": "hstu",
     "deepfm_ml100k": "deepfm",
+    "tallrec_ml100k": "llm_ranker",
 }
 
 
@@ -111,6 +112,21 @@ def test_another_protocol_fails_even_when_the_numbers_match():
     # a block without a protocol compares the numbers only
     unbound = {"paper": "A paper", "expected": {"test/hit@10": {"value": 0.8, "tolerance": 0.1}}}
     assert check_reproduction(unbound, {"test/hit@10": 0.8}, None)["status"] == PASS
+
+
+def test_a_condition_the_numbers_depend_on_must_hold():
+    repro = {
+        **block(**{"test/auc": {"value": 0.7, "tolerance": 0.1}}),
+        "conditions": {"data.max_train_rows": 256},
+    }
+    run = {"data": {"max_train_rows": 64}}
+    report = check_reproduction(repro, {"test/auc": 0.7}, "sasrec_sampled", config=run)
+    assert report["status"] == FAIL and report["checks"][0]["status"] == PASS
+    assert report["reasons"] == [
+        "this run has data.max_train_rows=64, the numbers were published with 256 (not comparable)"
+    ]
+    run["data"]["max_train_rows"] = 256
+    assert check_reproduction(repro, {"test/auc": 0.7}, "sasrec_sampled", config=run)["status"] == PASS
 
 
 def test_the_report_prints_as_a_table(capsys):
@@ -271,3 +287,20 @@ def check_report(results: dict, experiment: str) -> None:
     assert not any("not comparable" in r or "not produced" in r for r in report["reasons"])
     saved = json.loads(Path(results["output_dir"], "results.json").read_text())
     assert saved["reproduction"]["checks"] == report["checks"]
+
+
+def test_tallrec_ml100k_runs_end_to_end_on_a_tiny_lm(make_cfg, tmp_path):
+    """TALLRec's protocol and LLM ranker on random ML-100K files, with a tiny random causal LM in place of
+    SmolLM2: the report holds the published 256-sample AUC and no condition failure at 256 rows."""
+    from tests.helpers import model_overrides
+
+    folder = random_ml100k(tmp_path / "ml-100k", np.random.default_rng(5))
+    lm = [o for o in model_overrides("llm_ranker", tmp_path) if o.startswith("model.net.")]
+    results = run_fast(make_cfg, "tallrec_ml100k", folder, lm)
+    check_report(results, "tallrec_ml100k")
+    report = results["reproduction"]
+    assert report["checks"][0]["expected"] == 0.7198
+    assert not any("data.max_train_rows" in reason for reason in report["reasons"])
+    protocol = results["protocol"]
+    assert protocol["split"] == "last_samples" and protocol["history_only_rows"] > 0
+    assert protocol["train_rows_used"] <= 256

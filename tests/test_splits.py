@@ -9,9 +9,11 @@ import pytest
 
 from recsys_lab.data.sources.raw import SourceError
 from recsys_lab.data.splits import (
+    HISTORY,
     TEST,
     TRAIN,
     VAL,
+    LastSamplesSplit,
     LeaveOneOutSplit,
     PreSplit,
     RandomRatioSplit,
@@ -333,3 +335,35 @@ def test_every_protocol_rejects_empty_input():
     for split in splits:
         with pytest.raises(SourceError, match="no interactions to split"):
             split.assign(empty)
+
+
+# --- last samples (TALLRec) ---------------------------------------------------------------------------------------
+def test_last_samples_by_hand():
+    """User 7 appears first in the file, then user 3; a sample needs 2 earlier rows of its user. Samples in
+    list order: user 7's rows at times 3, 4, 4 (tie: file order), then user 3's at times 12, 13; the last 4 are
+    kept and cut int(4 * 0.5) = 2 / int(4 * 0.75) = 3: train, train, val, test."""
+    inter = pl.DataFrame(
+        {
+            #          0  1  2  3   4  5  6   7   8   9
+            "user_id": [7, 3, 7, 3, 7, 7, 3, 3, 7, 3],
+            "timestamp": [1, 10, 2, 11, 4, 3, 12, 13, 4, 9],
+        }
+    )
+    # user 7 in time order: rows 0 (1), 2 (2), 5 (3), 4 (4), 8 (4) -> samples 5, 4, 8
+    # user 3 in time order: rows 9 (9), 1 (10), 3 (11), 6 (12), 7 (13) -> samples 3, 6, 7
+    # list: 5, 4, 8, 3, 6, 7; the last 4: 8, 3, 6, 7
+    codes = LastSamplesSplit(samples=4, min_history=2, ratios=[0.5, 0.25, 0.25]).assign(inter)
+    H = HISTORY
+    assert codes.tolist() == [H, H, H, T, H, H, V, S, T, H]
+
+
+def test_last_samples_rejects_bad_options_and_too_few_samples():
+    with pytest.raises(ValueError, match="data.split.samples"):
+        LastSamplesSplit(samples=2)
+    with pytest.raises(ValueError, match="data.split.ratios"):
+        LastSamplesSplit(ratios=[0.5, 0.5])
+    with pytest.raises(ValueError, match="data.split.min_history"):
+        LastSamplesSplit(min_history=-1)
+    inter = pl.DataFrame({"user_id": [1, 1, 2], "timestamp": [1, 2, 3]})
+    with pytest.raises(SourceError, match="only 0 rows have 10 earlier rows"):
+        LastSamplesSplit().assign(inter)

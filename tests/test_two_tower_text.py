@@ -258,4 +258,5 @@ def test_zero_shot_experiment_trains_nothing_and_reports_the_cold_slice(make_cfg
     assert results["training"]["trainable_parameters"] == 0 and not results["best_checkpoint"]
     metrics = results["metrics"]
     assert 0 <= metrics["test/cold/recall@50"] <= 1 and 0 <= metrics["test/recall@50"] <= 1
+    assert 0 <= metrics["val/ndcg@10"] <= 1  # validated too: a sweep over zero-shot options selects on it
     assert results["protocol"]["cold_items"] is True and results["protocol"]["test_targets_cold_item"] > 0

@@ -22,7 +22,7 @@ from tests.helpers import REPO, SMALL_DATA
 TINY_RUN = [
     "trainer.max_epochs=1",
     "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
+    "trainer.limit_val_batches=1",
     "+trainer.limit_test_batches=1",
 ]
 FAKE_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 hex characters, the shape of a W&B API key

@@ -30,7 +30,7 @@ import polars as pl
 import torch
 
 from recsys_lab.data.sources.raw import RawData, SourceError
-from recsys_lab.data.splits import TEST, TRAIN, VAL
+from recsys_lab.data.splits import HISTORY, TEST, TRAIN, VAL
 from recsys_lab.data.store import Ragged
 from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
 
@@ -285,6 +285,8 @@ def prepare(
                 f"data.split ({split.describe()}): the {stage} split is empty after filtering "
                 f"({counts['rows_out']} rows kept)"
             )
+    if (codes == HISTORY).any():  # rows that only feed histories (LastSamplesSplit)
+        counts["history_only_rows"] = int((codes == HISTORY).sum())
 
     # entity tables: every user / item known to the source (tables or interactions)
     users = _entities(raw.users, inter, "user_id")

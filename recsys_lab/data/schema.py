@@ -63,6 +63,8 @@ class Schema:
             interaction (ranked, and reported as the cold-start slice); None when there are none.
         item_text: every item code's text as token ids (`recsys_lab.data.text.ItemTokens`), when `data.text`
             is set: what text towers encode.
+        item_texts: every item code's raw text ("" for code 0), when the source has an item text column: for
+            models that tokenize with their own tokenizer (the LLM ranker).
     """
 
     features: list[Feature]
@@ -73,6 +75,7 @@ class Schema:
     train_pairs: Tensor | None = None
     first_cold_item: int | None = None
     item_text: ItemTokens | None = None
+    item_texts: list[str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]

@@ -17,6 +17,9 @@ import polars as pl
 from recsys_lab.data.sources.raw import SourceError
 
 TRAIN, VAL, TEST = 0, 1, 2
+# A row that only feeds histories (`LastSamplesSplit`): it precedes every period (code < TRAIN, so timelines of
+# every level include it) but is never a training, validation or test row.
+HISTORY = -1
 SPLIT_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
 _ROW = "__row"
 
@@ -284,6 +287,70 @@ class RandomRatioSplit:
         if self.group_by != "user":  # the default is not described: its caches keep their fingerprint
             out["group_by"] = self.group_by
         return out
+
+
+class LastSamplesSplit:
+    """TALLRec's protocol (Bao et al., RecSys 2023; SAI990323/TALLRec `preprocess_movie.py`): sliding-window
+    samples, the last ones kept, cut into consecutive train / validation / test slices.
+
+    Every row with at least `min_history` earlier rows of the same user is a sample (a user's rows ordered by
+    timestamp, ties by row order). Samples are listed user by user — users in the order of their first row in
+    the file, each user's samples in time order — and the last `samples` of that list are cut into consecutive
+    slices by `ratios` (int(n * 0.8), int(n * 0.9) as in TALLRec): mostly whole blocks of users, not periods
+    of time. Every other row only feeds histories (code `HISTORY`). No global cutoffs.
+
+    Args:
+        samples: how many of the last samples are used (TALLRec: 10000).
+        min_history: earlier rows a sample needs (TALLRec: 10, the prompt's history length).
+        ratios: train / validation / test shares of those samples.
+    """
+
+    name = "last_samples"
+
+    def __init__(
+        self, samples: int = 10000, min_history: int = 10, ratios: list[float] | tuple = (0.8, 0.1, 0.1)
+    ) -> None:
+        ratios = [float(r) for r in ratios]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 3:
+            raise ValueError(f"data.split.samples={samples}: expected an integer >= 3")
+        if isinstance(min_history, bool) or not isinstance(min_history, int) or min_history < 0:
+            raise ValueError(f"data.split.min_history={min_history}: expected an integer >= 0")
+        if len(ratios) != 3 or any(r <= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+            raise ValueError(f"data.split.ratios={ratios}: expected three positive shares summing to 1")
+        self.samples, self.min_history, self.ratios = samples, min_history, ratios
+        self.cutoffs_: tuple[int, int] | None = None
+
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 code per row: TRAIN / VAL / TEST for the kept samples, HISTORY for every other row."""
+        _require(inter, ("user_id", "timestamp"), self.name)
+        frame = inter.select("user_id", "timestamp").with_row_index(_ROW)
+        first = frame.group_by("user_id").agg(pl.col(_ROW).min().alias("__first"))
+        ordered = (
+            frame.join(first, on="user_id")
+            .sort(["__first", "timestamp", _ROW])  # users by first appearance, then time, ties by row
+            .with_columns(pl.int_range(pl.len()).over("user_id").alias("__position"))
+        )
+        picked = ordered.filter(pl.col("__position") >= self.min_history).tail(self.samples)
+        n = picked.height
+        if n < 3:
+            raise SourceError(
+                f"data.split ({self.name}): only {n} rows have {self.min_history} earlier rows of their user"
+            )
+        cut_val, cut_test = int(n * self.ratios[0]), int(n * (self.ratios[0] + self.ratios[1]))
+        codes = np.full(inter.height, HISTORY, dtype=np.int8)
+        rows = picked.get_column(_ROW).to_numpy()
+        codes[rows[:cut_val]] = TRAIN
+        codes[rows[cut_val:cut_test]] = VAL
+        codes[rows[cut_test:]] = TEST
+        return codes
+
+    def describe(self) -> dict:
+        return {
+            "split": self.name,
+            "samples": self.samples,
+            "min_history": self.min_history,
+            "ratios": self.ratios,
+        }
 
 
 class PreSplit:

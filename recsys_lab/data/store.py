@@ -106,6 +106,8 @@ class FeatureStore:
         history_len: L, the most recent positives a batch carries.
         history_features: item categorical columns gathered along the history besides the item id.
         text: tokenized item texts (indexed by entity), when a language model is used.
+        item_texts: every item entity's raw text (the source's item text column), or None without one: models
+            that tokenize with their own tokenizer (the LLM ranker) read it through `Schema.item_texts`.
         gather_history: False leaves the `hist_*` features (and text pairs) out of every batch: for models
             that read ids only (`reads_history = False`), whose training batches would otherwise spend most
             of their gathering on histories nobody reads. See `without_history`.
@@ -135,6 +137,7 @@ class FeatureStore:
         history_features: list[str],
         text: TextTables | None,
         gather_history: bool = True,
+        item_texts: list[str] | None = None,
     ) -> None:
         self.meta = meta
         self.users, self.items, self.item_entity = users, items, item_entity
@@ -150,6 +153,7 @@ class FeatureStore:
         self.timelines, self.timeline_times, self.n_prior = timelines, timeline_times, n_prior
         self.history_len, self.history_features, self.text = history_len, history_features, text
         self.gather_history = gather_history
+        self.item_texts = item_texts
         self.features_gathered = "all"  # "ids" after `ids_only()`
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -229,6 +233,9 @@ class FeatureStore:
             history_len=history_len,
             history_features=list(history_features),
             text=text_tables,
+            item_texts=[t or "" for t in prepared.items[meta.item_text].to_list()]
+            if meta.item_text
+            else None,
         )
 
     def schema(self) -> Schema:
@@ -255,7 +262,16 @@ class FeatureStore:
             train_pairs=self.train_pairs(),
             first_cold_item=self.meta.first_cold_item,
             item_text=self.text.by_code(self.item_entity) if self.text is not None else None,
+            item_texts=self.texts_by_code(),
         )
+
+    def texts_by_code(self) -> list[str] | None:
+        """The raw text of every item code (code 0, unknown, is ""), or None when the source has none."""
+        if self.item_texts is None:
+            return None
+        texts = [self.item_texts[e] for e in self.item_entity.tolist()]
+        texts[0] = ""
+        return texts
 
     def train_positive_rows(self) -> Tensor:
         """int64 [P]: every positive interaction of the training split (the whole split, never a subsample)."""
@@ -314,6 +330,7 @@ class FeatureStore:
             history_features=self.history_features,
             text=self.text.to(device) if self.text is not None else None,
             gather_history=self.gather_history,
+            item_texts=self.item_texts,
         )
 
     def without_history(self) -> FeatureStore:

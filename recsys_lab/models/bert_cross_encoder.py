@@ -5,12 +5,11 @@ from __future__ import annotations
 import inspect
 
 from torch import Tensor, nn
-from transformers import AutoModel
 
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.modules.finetune import FinetunePolicy, Full
-from recsys_lab.utils.pretrained import resolve_pretrained
+from recsys_lab.utils.pretrained import load_encoder
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -45,14 +44,8 @@ class BERTCrossEncoder(nn.Module):
         super().__init__()
         if not isinstance(schema, Schema):
             raise TypeError(f"BERTCrossEncoder: schema must be a Schema, got {type(schema).__name__}")
-        folder = resolve_pretrained(pretrained, sha256=sha256, allow_download=allow_download)
-        self.encoder = AutoModel.from_pretrained(folder, local_files_only=not allow_download)
-        # from_pretrained returns the encoder in eval mode; a fresh module trains (dropout on) like any other
-        self.encoder.train()
-        # Scoring reads the [CLS] hidden state, so BERT's NSP pooler would be dead weight with no gradient (and
-        # DDP would then need find_unused_parameters); drop it.
-        if getattr(self.encoder, "pooler", None) is not None:
-            self.encoder.pooler = None
+        # scoring reads the [CLS] hidden state: the encoder comes without BERT's NSP pooler, in training mode
+        self.encoder = load_encoder(pretrained, sha256=sha256, allow_download=allow_download)
         # Some BERT-family encoders (DistilBERT) have no segment embeddings.
         self._uses_token_types = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
         self.dropout = nn.Dropout(dropout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModel
 
 from recsys_lab.data.batch import Batch, Seq
 from recsys_lab.data.schema import Schema
@@ -26,7 +25,7 @@ from recsys_lab.data.store import history_feature
 from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, trim_padding
 from recsys_lab.modules.attention import masked_mean
 from recsys_lab.modules.finetune import FinetunePolicy, Full
-from recsys_lab.utils.pretrained import resolve_pretrained
+from recsys_lab.utils.pretrained import load_encoder
 
 POOLINGS = ("mean", "cls")
 USER_TEXTS = ("titles", "items")
@@ -105,11 +104,7 @@ class TextTwoTower(nn.Module):
         self.max_history_items, self.max_query_tokens, self.chunk = max_history_items, max_query_tokens, chunk
         self.id_dropout, self.pretrained_lr = id_dropout, pretrained_lr
 
-        folder = resolve_pretrained(pretrained, sha256=sha256, allow_download=allow_download)
-        encoder = AutoModel.from_pretrained(folder, local_files_only=not allow_download)
-        encoder.train()  # from_pretrained returns eval mode; a fresh module trains like any other
-        if getattr(encoder, "pooler", None) is not None:  # unused by either pooling: no dead weights
-            encoder.pooler = None
+        encoder = load_encoder(pretrained, sha256=sha256, allow_download=allow_download)  # no pooler
         hidden = encoder.config.hidden_size  # H
         self.query_head = nn.Linear(hidden, output_dim) if output_dim is not None else nn.Identity()
         self.item_head = nn.Linear(hidden, output_dim) if output_dim is not None else nn.Identity()

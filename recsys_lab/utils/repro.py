@@ -16,7 +16,9 @@ A range may also carry a `tolerance`, which widens it on both sides. Bounds are 
 value exactly on a bound passes whatever the float rounding). The check FAILS when any metric is outside its
 bounds, when the run did not produce a metric (the reason names what it did produce), when a metric is NaN, or
 when the run's protocol preset (`protocol_preset`) is not the one the numbers were published under: the
-numbers of another protocol are not comparable, typically several times apart.
+numbers of another protocol are not comparable, typically several times apart. Likewise when a config value
+the numbers depend on differs from the one named under `conditions` (e.g. `{data.max_train_rows: 256}`: the
+training-set size of a few-shot result).
 
 `check_repro_config` validates the block before training (a typo must not cost a training run);
 `check_reproduction` builds the report after testing; `print_reproduction` prints it.
@@ -35,7 +37,7 @@ from recsys_lab.utils.checks import ConfigError
 
 PASS, FAIL = "PASS", "FAIL"
 REQUIRED = ("paper", "expected")
-OPTIONAL = ("table", "url", "doi", "protocol", "notes", "hyperparameters")
+OPTIONAL = ("table", "url", "doi", "protocol", "notes", "hyperparameters", "conditions")
 BOUND_SLACK = 1e-9  # inclusive bounds despite float rounding (0.4 - 0.3 > 0.1 in floating point)
 
 
@@ -141,7 +143,10 @@ def _check(metric: str, spec: Any, metrics: Mapping[str, float]) -> dict[str, An
 
 
 def check_reproduction(
-    repro: Mapping, metrics: Mapping[str, float], run_protocol: str | None = None
+    repro: Mapping,
+    metrics: Mapping[str, float],
+    run_protocol: str | None = None,
+    config: DictConfig | Mapping | None = None,
 ) -> dict[str, Any]:
     """The report of one run against its `repro` block: a row per expected metric and an overall status.
 
@@ -149,6 +154,7 @@ def check_reproduction(
         repro: the `repro` block (validated here too).
         metrics: the run's metrics, keyed by logged name (`test/ndcg@10`).
         run_protocol: the run's `protocol_preset` (None when the run used none).
+        config: the run's config, where `repro.conditions` are looked up (dotted keys).
     """
     check_repro_config(repro)
     repro = _plain(repro)
@@ -161,6 +167,14 @@ def check_reproduction(
             f"this run used protocol preset {run_protocol!r}, the numbers were published under {published!r} "
             "(not comparable)",
         )
+    lookup = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config or {}))
+    for key, value in (repro.get("conditions") or {}).items():
+        actual = OmegaConf.select(lookup, key)
+        if actual != value:
+            reasons.insert(
+                0,
+                f"this run has {key}={actual!r}, the numbers were published with {value!r} (not comparable)",
+            )
     report = {key: repro[key] for key in ("paper", *OPTIONAL) if repro.get(key) is not None}
     report.update(run_protocol=run_protocol, status=FAIL if reasons else PASS, reasons=reasons, checks=checks)
     return report

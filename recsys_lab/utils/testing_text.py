@@ -93,3 +93,35 @@ def tiny_item_tokens(schema, seed: int = 0, max_tokens: int = 6):
     tokens = torch.where(torch.arange(max_tokens) < lengths.unsqueeze(1), words, ids["[PAD]"])
     text = ItemTokens(tokens, lengths, ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], ids[";"])
     return dataclasses.replace(schema, item_text=text)
+
+
+def build_tiny_causal_lm(folder: str | os.PathLike, seed: int = 0) -> str:
+    """Write a random 2-layer Llama (hidden 32) with a WordPiece tokenizer that has "yes" and "no" as words into
+    `folder` (no chat template): the LLM ranker's tests run on it. Returns the folder as a string."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    vocab = tiny_vocab() + ["yes", "no"]
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocab) + "\n")
+    _fast_bert_tokenizer(vocab_file).save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return folder
