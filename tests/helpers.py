@@ -28,4 +28,6 @@ def model_overrides(model: str, tmp_path: Path) -> list[str]:
         folder = build_tiny_causal_lm(tmp_path / "llm")
         extra = [f"model.net.pretrained={folder}", "model.net.gguf_file=null", "model.net.sha256=null"]
         extra.append("model.net.answers=[yes,no]")
+        # short prompts: a tiny LM on thousands of evaluation rows is still a transformer per row
+        extra += ["model.net.max_length=48", "model.net.max_history_items=3", "model.net.max_item_tokens=6"]
     return [f"model={model}", "data=ecommerce", *SMALL_DATA, "logger=none", *extra]

@@ -21,7 +21,7 @@ from torch import nn
 from recsys_lab.data.batch import Batch
 from recsys_lab.tasks.ranking import has_encoders
 from recsys_lab.train import build
-from tests.helpers import REPO
+from tests.helpers import REPO, model_overrides
 from tests.source_fixtures import random_ml100k
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
@@ -35,11 +35,8 @@ def ml100k(tmp_path_factory) -> Path:
 
 
 def built(model: str, ml100k: Path, make_cfg, tmp_path: Path):
-    extra = []
-    if model == "bert_cross_encoder":
-        from recsys_lab.utils.testing_text import build_tiny_bert
-
-        extra = [f"model.net.pretrained={build_tiny_bert(tmp_path / 'bert')}", "model.net.sha256=null"]
+    # language models: tiny random ones written here (tests/helpers.py), never the bundled weights
+    extra = [o for o in model_overrides(model, tmp_path) if o.startswith("model.net.")]
     cfg = make_cfg(
         [
             f"model={model}",
