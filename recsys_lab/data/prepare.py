@@ -42,8 +42,8 @@ TIME_CONTEXT = {
     "weekday": ("time_weekday", "categorical"),
     "gap": ("time_gap", "numeric"),
 }
-MAX_LIST_LEN = 16
-_ROW = "__row"  # a temporary row-number column  # tokens kept per multi-categorical value (e.g. genres of a movie)
+MAX_LIST_LEN = 16  # tokens kept per multi-categorical value (e.g. genres of a movie)
+_ROW = "__row"  # a temporary row-number column
 
 
 class DataCacheError(RuntimeError):

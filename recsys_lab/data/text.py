@@ -259,13 +259,9 @@ def build_pair_inputs(
         cand_len = torch.zeros(batch_size, dtype=torch.long, device=device)
     cand_valid = torch.arange(width, device=device).unsqueeze(0) < cand_len.unsqueeze(1)  # (B, T)
 
-    # History segment, most recent first: the k-th most recent item sits at position lengths - 1 - k.
-    num_items = min(max_history_items, history_len)  # K
-    k = torch.arange(num_items, device=device)
-    item_valid = k.unsqueeze(0) < history.lengths.clamp(max=num_items).unsqueeze(1)  # (B, K)
-    positions = (history.lengths.unsqueeze(1) - 1 - k.unsqueeze(0)).clamp(min=0)  # (B, K)
-    # Padding slots may hold any id (even out of range): replace them before indexing the token table.
-    hist_items = torch.where(item_valid, history.ids.gather(1, positions), 0)  # (B, K)
+    # History segment, most recent first.
+    hist_items, item_valid = recent_items(history, max_history_items)  # (B, K)
+    num_items = hist_items.shape[1]  # K
     hist_tokens = item_tokens[hist_items]  # (B, K, T)
     hist_len = torch.where(item_valid, item_lengths[hist_items], 0)  # (B, K)
     if history_sep_id is not None:
@@ -308,12 +304,28 @@ def build_pair_inputs(
         )
     types = segment_b.expand(batch_size, -1)  # (B, W)
 
-    # Compact: a stable sort on "is padding" moves valid tokens left in their original order. A sort rather than
-    # a scatter keeps this deterministic on GPUs (torch.use_deterministic_algorithms).
-    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[
-        :, :max_length
-    ]  # (B, max_length)
-    mask = valid.gather(1, order)
+    order, mask = compact(valid, max_length)  # (B, max_length)
     input_ids = torch.where(mask, tokens.gather(1, order), pad_id)
     token_type_ids = torch.where(mask, types.gather(1, order), 0)
     return {"input_ids": input_ids, "attention_mask": mask.long(), "token_type_ids": token_type_ids}
+
+
+def recent_items(history: Seq, k: int) -> tuple[Tensor, Tensor]:
+    """The k most recent items of right-padded histories (ids [B, L], the most recent at lengths - 1), most
+    recent first: ids int64 [B, K] (K = min(k, L); 0 in the slots past a history's length, which may hold any
+    id, even one out of range) and their validity bool [B, K]."""
+    K = min(k, history.ids.shape[1])
+    j = torch.arange(K, device=history.ids.device)
+    valid = j.unsqueeze(0) < history.lengths.clamp(max=K).unsqueeze(1)  # (B, K)
+    positions = (history.lengths.unsqueeze(1) - 1 - j.unsqueeze(0)).clamp(min=0)  # the j-th most recent
+    return torch.where(valid, history.ids.gather(1, positions), 0), valid
+
+
+def compact(valid: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Where the valid tokens of each row of a [B, W] validity mask go when moved left in their order: the
+    gather index [B, width] and the mask of the result (width: the longest row when None). A stable sort on
+    "is padding" rather than a scatter keeps this deterministic on GPUs (torch.use_deterministic_algorithms)."""
+    if width is None:
+        width = int(valid.sum(1).max()) if len(valid) else 0
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return order, valid.gather(1, order)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from recsys_lab.data.batch import Batch, Seq
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import history_feature
-from recsys_lab.data.text import tokenize_texts
+from recsys_lab.data.text import compact, recent_items, tokenize_texts
 from recsys_lab.modules.finetune import FinetunePolicy, Full
 from recsys_lab.utils.pretrained import resolve_pretrained
 
@@ -155,13 +155,10 @@ class LLMRanker(nn.Module):
 
         history: item codes [B, L], most recent at lengths - 1; candidates: item codes [B]."""
         device = candidates.device
-        B, L = history.ids.shape
-        K = min(self.max_history_items, L)
+        items, item_valid = recent_items(history, self.max_history_items)  # (B, K), most recent first
+        B, K = items.shape
         T = self.item_tokens.shape[1]
         k = torch.arange(K, device=device)
-        item_valid = k.unsqueeze(0) < history.lengths.clamp(max=K).unsqueeze(1)  # (B, K)
-        positions = (history.lengths.unsqueeze(1) - 1 - k).clamp(min=0)  # k-th most recent
-        items = torch.where(item_valid, history.ids.gather(1, positions), 0)  # (B, K)
         # each listed title followed by the separator, except the last one listed
         S = len(self.separator)
         title_valid = torch.arange(T, device=device) < torch.where(
@@ -188,10 +185,7 @@ class LLMRanker(nn.Module):
         parts.append(const(self.suffix))
         tokens = torch.cat([t for t, _ in parts], dim=1)  # (B, W)
         valid = torch.cat([v for _, v in parts], dim=1)  # (B, W)
-        # compact: a stable sort on "is padding" moves the valid tokens left, in order (deterministic on GPUs)
-        width = int(valid.sum(1).max())
-        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        mask = valid.gather(1, order)
+        order, mask = compact(valid)  # valid tokens moved left, right-padded to the longest prompt
         return {
             "input_ids": torch.where(mask, tokens.gather(1, order), self.pad_id),
             "attention_mask": mask.long(),

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys_lab.data.batch import Batch, Seq
+from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import history_feature
-from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, trim_padding
+from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, recent_items, trim_padding
 from recsys_lab.modules.attention import masked_mean
 from recsys_lab.modules.finetune import FinetunePolicy, Full
 from recsys_lab.utils.pretrained import load_encoder
@@ -118,9 +118,10 @@ class TextTwoTower(nn.Module):
         counts = schema.item_counts if schema.item_counts is not None else torch.ones(schema.num_items)
         self.register_buffer("trained_id", counts > 0, persistent=False)
         tokens: ItemTokens = schema.item_text
-        self.tokens = tokens
+        # the token table as buffers (they follow the model's device); the special ids beside them
         self.register_buffer("item_tokens", tokens.tokens, persistent=False)
         self.register_buffer("item_lengths", tokens.lengths, persistent=False)
+        self.special_ids = (tokens.cls_id, tokens.sep_id, tokens.pad_id, tokens.history_sep_id)
         # last, so that the heads start the same whatever the policy draws
         self._pretrained = {id(p) for p in encoder.parameters()}
         self.finetune = finetune if finetune is not None else Full()
@@ -141,8 +142,7 @@ class TextTwoTower(nn.Module):
 
     # ---- the encoder ---------------------------------------------------------------------------------------
     def _table(self) -> ItemTokens:
-        t = self.tokens
-        return ItemTokens(self.item_tokens, self.item_lengths, t.cls_id, t.sep_id, t.pad_id, t.history_sep_id)
+        return ItemTokens(self.item_tokens, self.item_lengths, *self.special_ids)
 
     def _pool(self, inputs: dict[str, Tensor]) -> Tensor:
         """Encoder inputs [N, T] -> pooled last hidden states (N, H)."""
@@ -195,25 +195,15 @@ class TextTwoTower(nn.Module):
             vectors = vectors + self.item_ids(ids)
         return vectors
 
-    def _recent(self, history: Seq) -> Seq:
-        """The K most recent history items, right-padded: codes [B, K] and lengths [B]."""
-        K = min(self.max_history_items, history.ids.shape[1])
-        lengths = history.lengths.clamp(max=K)
-        k = torch.arange(K, device=history.ids.device)
-        positions = (history.lengths.unsqueeze(1) - lengths.unsqueeze(1) + k).clamp(
-            min=0
-        )  # oldest kept first
-        valid = k.unsqueeze(0) < lengths.unsqueeze(1)  # (B, K)
-        return Seq(torch.where(valid, history.ids.gather(1, positions), 0), lengths)
-
     def encode_query(self, batch: Batch) -> Tensor:
         """User history (and user id) of B rows -> unit-norm query encodings (B, D)."""
-        history = self._recent(batch.seq[self.history])
+        history = batch.seq[self.history]
         if self.user_text == "titles":
-            inputs = history_inputs(self._table(), history, history.ids.shape[1], self.max_query_tokens)
+            inputs = history_inputs(self._table(), history, self.max_history_items, self.max_query_tokens)
             query = self.query_head(self._pool(inputs))  # (B, D)
         else:  # mean of the recent items' text encodings; an empty history gives the zero vector
-            query = self.query_head(masked_mean(self._states(history.ids), history.mask()))  # (B, D)
+            items, valid = recent_items(history, self.max_history_items)  # (B, K)
+            query = self.query_head(masked_mean(self._states(items), valid))  # (B, D)
         if self.user_ids is not None:
             query = query + self.user_ids(batch.sparse[self.user_id])
         return F.normalize(query, dim=-1)

@@ -45,6 +45,16 @@ def _fast_bert_tokenizer(vocab_file: str):
     return BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
 
 
+def _save_tokenizer(folder: str, vocab: list[str]) -> list[str]:
+    """Write `vocab` and a fast WordPiece tokenizer over it into `folder` (created); returns the vocabulary."""
+    os.makedirs(folder, exist_ok=True)
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(vocab) + "\n")
+    _fast_bert_tokenizer(vocab_file).save_pretrained(folder)
+    return vocab
+
+
 def build_tiny_bert(folder: str | os.PathLike, seed: int = 0) -> str:
     """Write a random 2-layer BERT (hidden 32) and a matching fast WordPiece tokenizer into `folder`.
 
@@ -53,13 +63,7 @@ def build_tiny_bert(folder: str | os.PathLike, seed: int = 0) -> str:
     depend only on `seed` (the global RNG state is left untouched). Returns the folder as a string.
     """
     folder = str(folder)
-    os.makedirs(folder, exist_ok=True)
-    vocab = tiny_vocab()
-    vocab_file = os.path.join(folder, "vocab.txt")
-    with open(vocab_file, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(vocab) + "\n")
-    tokenizer = _fast_bert_tokenizer(vocab_file)
-    tokenizer.save_pretrained(folder)
+    vocab = _save_tokenizer(folder, tiny_vocab())
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -101,12 +105,7 @@ def build_tiny_causal_lm(folder: str | os.PathLike, seed: int = 0) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = str(folder)
-    os.makedirs(folder, exist_ok=True)
-    vocab = tiny_vocab() + ["yes", "no"]
-    vocab_file = os.path.join(folder, "vocab.txt")
-    with open(vocab_file, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(vocab) + "\n")
-    _fast_bert_tokenizer(vocab_file).save_pretrained(folder)
+    vocab = _save_tokenizer(folder, tiny_vocab() + ["yes", "no"])
     config = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=32,
