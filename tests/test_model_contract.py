@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,17 @@ from recsys_lab.models.sasrec import SASRec
 from recsys_lab.models.shared_bottom import SharedBottom
 from recsys_lab.models.two_tower import TwoTower
 from recsys_lab.models.two_tower_text import TextTwoTower
-from recsys_lab.utils.testing import random_batch, tiny_schema
+from recsys_lab.modules.content import (
+    AttentionFusion,
+    AudioEncoder,
+    ConcatFusion,
+    GatedFusion,
+    ImageEncoder,
+    ItemContent,
+    TextEncoder,
+    VectorEncoder,
+)
+from recsys_lab.utils.testing import random_batch, tiny_item_content, tiny_schema
 from recsys_lab.utils.testing_text import build_tiny_bert, tiny_item_tokens
 
 
@@ -62,6 +73,19 @@ def text_batch(schema: Schema) -> Batch:
     types = ((torch.arange(T) >= 3) & mask.bool()).long()
     batch.text = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     return batch
+
+
+def content(fusion: type, text: str | None = None) -> Callable[..., ItemContent]:
+    """An `ItemContent` partial over the tiny content tables (`tiny_item_content`): vector, picture (small CNN),
+    sound, and a frozen tiny BERT over the item texts when `text` names one."""
+    modalities = {
+        "vector": partial(VectorEncoder, column="image"),
+        "image": partial(ImageEncoder, column="image_rgb", backbone="cnn"),
+        "audio": partial(AudioEncoder, column="audio", n_fft=64, hop=32, n_mels=8),
+    }
+    if text is not None:
+        modalities["text"] = partial(TextEncoder, pretrained=text)
+    return partial(ItemContent, modalities=modalities, fusion=fusion, dim=4)
 
 
 MODELS: dict[str, Case] = {
@@ -134,6 +158,34 @@ MODELS: dict[str, Case] = {
             id_embeddings=False,
         ),
         schema=lambda: tiny_item_tokens(tiny_schema(), seed=0),
+    ),
+    # item content (modules/content.py): every modality, every fusion, items missing some or all modalities
+    "two_tower_content": Case(
+        lambda schema, _: TwoTower(
+            schema,
+            embedding_dim=4,
+            tower_hidden=[8],
+            output_dim=6,
+            id_dropout=0.2,
+            content=content(GatedFusion),
+        ),
+        schema=lambda: tiny_item_content(tiny_schema()),
+    ),
+    "din_content": Case(
+        lambda schema, _: DIN(
+            schema, embedding_dim=4, attention_hidden=[8], mlp_hidden=[8], content=content(AttentionFusion)
+        ),
+        schema=lambda: tiny_item_content(tiny_schema()),
+    ),
+    "din_content_text": Case(
+        lambda schema, folder: DIN(
+            schema,
+            embedding_dim=4,
+            attention_hidden=[8],
+            mlp_hidden=[8],
+            content=content(ConcatFusion, text=build_tiny_bert(folder / "bert")),
+        ),
+        schema=lambda: tiny_item_content(tiny_item_tokens(tiny_schema(), seed=0)),
     ),
     "popularity": Case(lambda schema, _: Popularity(schema)),
     "gru4rec": Case(lambda schema, _: GRU4Rec(schema, embedding_dim=4, hidden_dim=6, num_layers=2)),

@@ -34,7 +34,8 @@ from recsys_lab.data.splits import HISTORY, TEST, TRAIN, VAL
 from recsys_lab.data.store import Ragged
 from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
 
-PREPARE_VERSION = 2  # 2: data.cold_items (first_cold_item in meta)
+PREPARE_VERSION = 3  # 2: data.cold_items (first_cold_item in meta); 3: item media, vector presence columns
+PRESENT = "__present"  # suffix of the bool column saying which rows of a dense vector were given (not null)
 STAGES = {"train": TRAIN, "val": VAL, "test": TEST}
 # context derived from each interaction's timestamp (`data.time_context`): name -> (column, kind)
 TIME_CONTEXT = {
@@ -53,8 +54,8 @@ class DataCacheError(RuntimeError):
 @dataclass
 class FeatureMeta:
     """One encoded feature column: its kind ("categorical", "multi_categorical", "numeric", "dense_vector",
-    "text"), its side ("user", "item", "context"), the longest list kept (multi-categorical) and the width
-    (numeric: 1, dense_vector: D)."""
+    "text", "image", "audio"), its side ("user", "item", "context"), the longest list kept (multi-categorical)
+    and the width (numeric: 1, dense_vector: D, image: 3 * S * S pixel values, audio: T samples)."""
 
     kind: str
     side: str
@@ -438,7 +439,15 @@ def _encode_table(
             )
             meta["normalisers"][col] = stats
             out[col] = pl.Series(col, values.tolist())
+            # a null vector is filled (with the training mean) for the feature; content models read it as a
+            # missing modality instead, so the mask is kept
+            out[col + PRESENT] = table[col].is_not_null()
             features[col] = FeatureMeta(kind, side, dim=int(values.shape[1]))
+            continue
+        elif kind in ("image", "audio"):
+            # raw media pass through as they are (null: the item has none); content encoders read them
+            out[col] = table[col]
+            features[col] = FeatureMeta(kind, side, dim=_media_width(table[col], col))
             continue
         elif kind == "text":
             out[col] = table[col].cast(pl.String).fill_null("")
@@ -522,6 +531,17 @@ def _check_numeric_columns(kinds: dict, numeric_buckets: dict, log_dense) -> Non
             raise SourceError(
                 f"data.{key}: {bad} are not numeric columns of the source; numeric columns are {allowed}"
             )
+
+
+def _media_width(column: pl.Series, name: str) -> int:
+    """The common length of a media list column (pixels, samples); a clear error if rows differ."""
+    lengths = column.list.len().drop_nulls().unique()
+    if len(lengths) > 1:
+        raise SourceError(
+            f"item column '{name}': every row must have the same number of values (one image size, one sound "
+            f"length), found lengths {sorted(lengths.to_list())[:5]}"
+        )
+    return int(lengths[0]) if len(lengths) else 0
 
 
 def _floats(column: pl.Series, kind: str) -> np.ndarray:

@@ -48,6 +48,26 @@ class Feature:
 
 
 @dataclass
+class ContentTable:
+    """One item modality for content models: what every item has of it, and which items have it.
+
+    kind: "vector" (a precomputed dense vector: float (N, D)), "image" (uint8 pixels (N, 3, S, S)) or "audio"
+        (float samples (N, T)); values: rows of missing items are zeros; present: bool (N,), False where the
+        item has none (and for item code 0, "unknown").
+    """
+
+    kind: str
+    values: Tensor
+    present: Tensor
+
+    def by_code(self, item_entity: Tensor) -> ContentTable:
+        """Re-indexed from item entities to item codes (`item_entity[code]`); code 0 is never present."""
+        present = self.present[item_entity].clone()
+        present[0] = False
+        return ContentTable(self.kind, self.values[item_entity], present)
+
+
+@dataclass
 class Schema:
     """All features of a dataset plus statistics fitted on the training split.
 
@@ -65,6 +85,8 @@ class Schema:
             is set: what text towers encode.
         item_texts: every item code's raw text ("" for code 0), when the source has an item text column: for
             models that tokenize with their own tokenizer (the LLM ranker).
+        item_content: every item dense vector, image and audio column by item code (`ContentTable`): what
+            content encoders (`recsys_lab.modules.content`) read.
     """
 
     features: list[Feature]
@@ -76,6 +98,7 @@ class Schema:
     first_cold_item: int | None = None
     item_text: ItemTokens | None = None
     item_texts: list[str] | None = field(default=None, repr=False)
+    item_content: dict[str, ContentTable] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]

@@ -19,7 +19,7 @@ from torch import Tensor
 from recsys_lab.data.batch import Batch, EvalTargets, Seq
 from recsys_lab.data.ragged import Ragged
 from recsys_lab.data.sampling import TrainingNegatives
-from recsys_lab.data.schema import Feature, Schema
+from recsys_lab.data.schema import ContentTable, Feature, Schema
 from recsys_lab.data.text import TextSpec, TextTables
 
 if TYPE_CHECKING:
@@ -83,6 +83,39 @@ class EntityTable:
         )
 
 
+def _item_media(items: pl.DataFrame, meta: PreparedMeta, table: EntityTable) -> dict[str, ContentTable]:
+    """Every item dense vector, image and audio column as a `ContentTable` by item entity: vectors as the
+    feature holds them (standardised; the presence column says which were given), pictures as uint8
+    (N, 3, S, S), sounds as float32 (N, T); missing rows are zeros with present False."""
+    from recsys_lab.data.prepare import PRESENT  # prepare imports this module
+
+    media = {}
+    for name, f in meta.features.items():
+        if f.side != "item" or f.kind not in ("dense_vector", "image", "audio"):
+            continue
+        if f.kind == "dense_vector":
+            given = items[name + PRESENT] if name + PRESENT in items.columns else None
+            present = (
+                torch.as_tensor(given.to_numpy())
+                if given is not None
+                else torch.ones(items.height, dtype=torch.bool)
+            )
+            media[name] = ContentTable("vector", table.dense[name], present)
+            continue
+        column = items[name]
+        present = column.is_not_null().to_numpy()
+        dtype = np.uint8 if f.kind == "image" else np.float32
+        values = np.zeros((items.height, f.dim), dtype=dtype)
+        if present.any():  # the given rows, flattened and reshaped in one go (no Python loop over items)
+            values[present] = column.drop_nulls().explode().to_numpy().astype(dtype).reshape(-1, f.dim)
+        values_t = torch.as_tensor(values)
+        if f.kind == "image":
+            side = int(round((f.dim / 3) ** 0.5))
+            values_t = values_t.reshape(-1, side, side, 3).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+        media[name] = ContentTable(f.kind, values_t, torch.as_tensor(present))
+    return media
+
+
 class FeatureStore:
     """Feature tables of one prepared dataset and the gatherers that build whole batches from row indices.
 
@@ -108,6 +141,9 @@ class FeatureStore:
         text: tokenized item texts (indexed by entity), when a language model is used.
         item_texts: every item entity's raw text (the source's item text column), or None without one: models
             that tokenize with their own tokenizer (the LLM ranker) read it through `Schema.item_texts`.
+        item_media: the item modalities content models read (`ContentTable` per item column, indexed by
+            entity): every item dense vector, image and audio column, with which items have it. Reach
+            models through `Schema.item_content`, by code; never gathered into batches.
         gather_history: False leaves the `hist_*` features (and text pairs) out of every batch: for models
             that read ids only (`reads_history = False`), whose training batches would otherwise spend most
             of their gathering on histories nobody reads. See `without_history`.
@@ -138,6 +174,7 @@ class FeatureStore:
         text: TextTables | None,
         gather_history: bool = True,
         item_texts: list[str] | None = None,
+        item_media: dict[str, ContentTable] | None = None,
     ) -> None:
         self.meta = meta
         self.users, self.items, self.item_entity = users, items, item_entity
@@ -154,6 +191,7 @@ class FeatureStore:
         self.history_len, self.history_features, self.text = history_len, history_features, text
         self.gather_history = gather_history
         self.item_texts = item_texts
+        self.item_media = dict(item_media or {})
         self.features_gathered = "all"  # "ids" after `ids_only()`
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -201,6 +239,7 @@ class FeatureStore:
         known = item_code > 0
         item_entity[item_code[known]] = torch.arange(n_items)[known]
 
+        items = EntityTable.from_frame(prepared.items, "item", meta)
         text_tables = None
         if text is not None:
             if meta.item_text is None:
@@ -209,7 +248,7 @@ class FeatureStore:
         return cls(
             meta=meta,
             users=EntityTable.from_frame(prepared.users, "user", meta),
-            items=EntityTable.from_frame(prepared.items, "item", meta),
+            items=items,
             item_entity=item_entity,
             row_sparse={
                 c: torch.as_tensor(rows[c].to_numpy().astype(np.int64))
@@ -236,6 +275,7 @@ class FeatureStore:
             item_texts=[t or "" for t in prepared.items[meta.item_text].to_list()]
             if meta.item_text
             else None,
+            item_media=_item_media(prepared.items, meta, items),
         )
 
     def schema(self) -> Schema:
@@ -263,6 +303,7 @@ class FeatureStore:
             first_cold_item=self.meta.first_cold_item,
             item_text=self.text.by_code(self.item_entity) if self.text is not None else None,
             item_texts=self.texts_by_code(),
+            item_content={name: t.by_code(self.item_entity) for name, t in self.item_media.items()},
         )
 
     def texts_by_code(self) -> list[str] | None:
@@ -331,6 +372,7 @@ class FeatureStore:
             text=self.text.to(device) if self.text is not None else None,
             gather_history=self.gather_history,
             item_texts=self.item_texts,
+            item_media=self.item_media,  # read by models (which move it themselves), never by the gatherers
         )
 
     def without_history(self) -> FeatureStore:

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import history_feature
-from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, recent_items, trim_padding
+from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, recent_items
 from recsys_lab.modules.attention import masked_mean
+from recsys_lab.modules.content import EncodingCache, pool_hidden
 from recsys_lab.modules.finetune import FinetunePolicy, Full
 from recsys_lab.utils.pretrained import load_encoder
 
@@ -126,9 +127,12 @@ class TextTwoTower(nn.Module):
         self._pretrained = {id(p) for p in encoder.parameters()}
         self.finetune = finetune if finetune is not None else Full()
         self.encoder = self.finetune.apply(encoder)
-        self._cache: Tensor | None = None  # (V, H) pooled encoder output per item code
-        self._cache_key: tuple | None = None
-        self.cache_fills = 0  # how often the cache was (re)computed: tested, and printed by nothing else
+        self._cache = EncodingCache()  # (V, H) pooled encoder output per item code
+
+    @property
+    def cache_fills(self) -> int:
+        """How often the item cache was (re)computed: tested, and printed by nothing else."""
+        return self._cache.fills
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups: the training pretrained weights at `pretrained_lr`, everything else at the
@@ -146,12 +150,7 @@ class TextTwoTower(nn.Module):
 
     def _pool(self, inputs: dict[str, Tensor]) -> Tensor:
         """Encoder inputs [N, T] -> pooled last hidden states (N, H)."""
-        inputs = trim_padding(inputs)
-        hidden = self.encoder(**inputs).last_hidden_state  # (N, T, H)
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = inputs["attention_mask"].bool()  # (N, T)
-        return masked_mean(hidden, mask)  # (N, H)
+        return pool_hidden(self.encoder, inputs, self.pooling)
 
     def _encoder_trains(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
@@ -170,19 +169,18 @@ class TextTwoTower(nn.Module):
     def _cached_states(self) -> Tensor:
         """(V, H), recomputed only when a weight of the encoder changed (an optimizer step, a checkpoint load:
         both write the parameters in place, which bumps their version counters) or moved device."""
-        params = list(self.encoder.parameters())
-        key = (self.item_tokens.device, *((id(p), p._version) for p in params))
-        if self._cache is None or key != self._cache_key:
+
+        def encode_all() -> Tensor:
             was_training = self.encoder.training
             self.encoder.eval()  # the cached encoding is the deterministic one (no dropout)
             with torch.no_grad():
                 codes = torch.arange(len(self.item_lengths), device=self.item_tokens.device)
                 chunks = [codes[s : s + self.chunk] for s in range(0, len(codes), self.chunk)]
-                self._cache = torch.cat([self._pool(item_inputs(self._table(), c)) for c in chunks])  # (V, H)
+                states = torch.cat([self._pool(item_inputs(self._table(), c)) for c in chunks])  # (V, H)
             self.encoder.train(was_training)
-            self._cache_key = key
-            self.cache_fills += 1
-        return self._cache
+            return states
+
+        return self._cache.get(self.encoder.parameters(), self.item_tokens.device, encode_all)
 
     # ---- the towers ----------------------------------------------------------------------------------------
     def _item_vectors(self, codes: Tensor) -> Tensor:
@@ -218,4 +216,4 @@ class TextTwoTower(nn.Module):
     def merge_adapters(self) -> None:
         """Fold LoRA / IA3 weights into the encoder (export, serving): the same scores, no adapter."""
         self.encoder = self.finetune.merge(self.encoder)
-        self._cache = None
+        self._cache.clear()

@@ -246,6 +246,8 @@ def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters of `module`."""
+    """(trainable, total) parameters of `module`; the total includes the frozen feature extractors that content
+    encoders keep outside their registered modules (`ModalityEncoder._frozen`)."""
     params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    frozen = [p for m in module.modules() for f in getattr(m, "_frozen", []) for p in f.parameters()]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params + frozen)

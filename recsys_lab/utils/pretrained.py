@@ -129,7 +129,8 @@ def load_encoder(pretrained: str, sha256: str | None = None, allow_download: boo
 
 
 def register_resolvers() -> None:
-    """Register OmegaConf resolvers used by the configs: `${minilm_path:}` and `${cwd:}` (the directory the
+    """Register OmegaConf resolvers used by the configs: `${minilm_path:}`, `${smollm2_path:}`,
+    `${efficientnet_lite0_path:}` (the bundled weight files) and `${cwd:}` (the directory the
     command was started in; Hydra does not chdir, and `${hydra:runtime.cwd}` is not available to the sweeper)."""
     import os
 
@@ -137,4 +138,11 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("minilm_path", minilm_path, replace=True)
     OmegaConf.register_new_resolver("smollm2_path", smollm2_path, replace=True)
+    OmegaConf.register_new_resolver("efficientnet_lite0_path", _efficientnet_lite0_path, replace=True)
     OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
+
+
+def _efficientnet_lite0_path() -> str:
+    from recsys_lab.modules.efficientnet_lite import efficientnet_lite0_path
+
+    return efficientnet_lite0_path()

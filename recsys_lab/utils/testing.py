@@ -107,3 +107,35 @@ class MeanSequenceModel(torch.nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return (self.encode_query(batch) * self.encode_item(batch)).sum(-1)
+
+
+def tiny_item_content(
+    schema: Schema, seed: int = 0, image_size: int = 16, audio_samples: int = 512
+) -> Schema:
+    """`schema` with item content tables (`schema.item_content`) for content-model tests: the dense `image`
+    vector (kind "vector"), a picture (`image_rgb`, uint8 (V, 3, S, S)) and a sound (`audio`, (V, T)). Which
+    items have which is fixed, so every case occurs: code 0 has nothing; codes divisible by 3 lack the
+    picture, codes = 1 mod 4 lack the sound, codes divisible by 5 lack the vector."""
+    import dataclasses
+
+    from recsys_lab.data.schema import ContentTable
+
+    g = torch.Generator().manual_seed(seed)
+    V = schema.num_items
+    codes = torch.arange(V)
+
+    def table(kind: str, values: torch.Tensor, present: torch.Tensor) -> ContentTable:
+        present = present & (codes > 0)
+        shape = (-1,) + (1,) * (values.dim() - 1)
+        return ContentTable(kind, values * present.view(shape).to(values.dtype), present)
+
+    content = {
+        "image": table("vector", torch.randn(V, schema["image"].dim, generator=g), codes % 5 != 0),
+        "image_rgb": table(
+            "image",
+            torch.randint(0, 256, (V, 3, image_size, image_size), generator=g, dtype=torch.uint8),
+            codes % 3 != 0,
+        ),
+        "audio": table("audio", torch.randn(V, audio_samples, generator=g), codes % 4 != 1),
+    }
+    return dataclasses.replace(schema, item_content=content)

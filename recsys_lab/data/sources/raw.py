@@ -11,8 +11,8 @@ from typing import Literal
 
 import polars as pl
 
-FeatureKind = Literal["categorical", "multi_categorical", "numeric", "dense_vector", "text"]
-FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "dense_vector", "text")
+FeatureKind = Literal["categorical", "multi_categorical", "numeric", "dense_vector", "text", "image", "audio"]
+FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "dense_vector", "text", "image", "audio")
 
 
 class SourceError(ValueError):
@@ -32,7 +32,11 @@ class RawData:
         items: `item_id` + item feature columns, or None.
         features: kind of every feature column of users, items and interactions (context):
             "categorical" (one token), "multi_categorical" (a List[str] column, e.g. genres), "numeric"
-            (float), "dense_vector" (fixed-length list of floats), "text" (a string for language models).
+            (float), "dense_vector" (fixed-length list of floats), "text" (a string for language models),
+            "image" (item pictures: a list of S * S * 3 uint8 values, an S x S RGB picture flattened in
+            height, width, channel order as `numpy.asarray(PIL.Image)` gives it), "audio" (item sounds: a
+            list of float samples, every row the same length). A null dense vector, image or sound is a
+            missing modality.
         labels: label columns present in `interactions` (empty for rating / implicit data).
         item_text: the item column that language models read (title + attributes), or None.
         files: the files the tables were read from (for messages and the cache fingerprint).

@@ -11,6 +11,9 @@ The click model (`ClickModel`, the part to read or change) has the signals the m
 * context: time-of-day x top-category, weekend x top-category and device x price effects;
 * content: item titles are built from words tied to the item's factors, brand and category (text models can read
   taste from them), and a small dense "image" embedding is a noisy projection of the same factors;
+  optionally (`render_images`, `render_audio`) each item also gets a small rendered picture and a short sound
+  whose colours, stripes and pitches come from its category and factors, so that image and audio encoders have
+  something to learn (`Media`), drawn from their own generator so the log is the same with or without them;
 * Zipf-like popularity of both exposure and appeal, and a share of items that are only released late
   (cold-start items, described by their content features alone).
 
@@ -38,6 +41,8 @@ from recsys_lab.data.sources.raw import RawData
 # 2: an empty favourite leaf shows a popular item (version 1 crashed, or repeated one item of another leaf)
 SIMULATOR_VERSION = 2
 SECONDS_PER_DAY = 86_400
+AUDIO_RATE = 8000  # Hz, of the rendered item sounds
+MEDIA_PARAMS = ("render_images", "image_size", "render_audio", "audio_samples", "missing_media_fraction")
 
 # Category tree: top category -> leaf nouns. Real words, so a pretrained text encoder can use them.
 CATEGORY_TREE: dict[str, list[str]] = {
@@ -82,6 +87,11 @@ class SimulatorParams:
     recent_window: int
     base_logit: float
     seed: int
+    render_images: bool = False
+    image_size: int = 32
+    render_audio: bool = False
+    audio_samples: int = 4000
+    missing_media_fraction: float = 0.0
 
 
 class EcommerceSimulator:
@@ -100,6 +110,14 @@ class EcommerceSimulator:
         recent_window: clicks that make up the short-term interest.
         base_logit: click-logit intercept; sets the overall click rate (about 10% by default).
         seed: everything is a deterministic function of the parameters.
+        render_images: add an item column `image_rgb` (kind "image"): an image_size x image_size RGB picture
+            per item (see `render_media`).
+        image_size: side of the rendered pictures in pixels.
+        render_audio: add an item column `audio` (kind "audio"): `audio_samples` samples of a sound at
+            AUDIO_RATE Hz per item.
+        audio_samples: length of each sound.
+        missing_media_fraction: share of items whose picture (and, drawn apart, whose sound) is missing
+            (null): the missing-modality case content models must handle.
     """
 
     def __init__(
@@ -116,6 +134,11 @@ class EcommerceSimulator:
         recent_window: int = 5,
         base_logit: float = -4.3,
         seed: int = 0,
+        render_images: bool = False,
+        image_size: int = 32,
+        render_audio: bool = False,
+        audio_samples: int = 4000,
+        missing_media_fraction: float = 0.0,
     ) -> None:
         checks = {
             "n_users": n_users >= 2,
@@ -128,6 +151,9 @@ class EcommerceSimulator:
             "n_brands": n_brands >= len(CATEGORY_TREE),
             "image_dim": image_dim >= 1,
             "recent_window": recent_window >= 1,
+            "image_size": image_size >= 8,
+            "audio_samples": audio_samples >= 256,
+            "missing_media_fraction": 0 <= missing_media_fraction < 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -135,7 +161,8 @@ class EcommerceSimulator:
                 f"data.source: invalid simulator parameter(s) {bad} "
                 f"(need n_users>=2, n_items>={2 * len(CATEGORY_TREE)}, n_days>=3, impressions_per_user>=1, "
                 f"2<=latent_dim<={len(FACTOR_WORDS)}, zipf_exponent>=0, 0<=cold_item_fraction<1, "
-                f"n_brands>={len(CATEGORY_TREE)}, image_dim>=1, recent_window>=1)"
+                f"n_brands>={len(CATEGORY_TREE)}, image_dim>=1, recent_window>=1, image_size>=8, "
+                f"audio_samples>=256, 0<=missing_media_fraction<1)"
             )
         self.params = SimulatorParams(
             n_users=n_users,
@@ -150,13 +177,22 @@ class EcommerceSimulator:
             recent_window=recent_window,
             base_logit=float(base_logit),
             seed=seed,
+            render_images=bool(render_images),
+            image_size=int(image_size),
+            render_audio=bool(render_audio),
+            audio_samples=int(audio_samples),
+            missing_media_fraction=float(missing_media_fraction),
         )
 
     name = "ecommerce"
 
     def fingerprint(self) -> str:
         """Cache key: the parameters and the generator's version."""
-        blob = json.dumps({"simulator": SIMULATOR_VERSION, **asdict(self.params)}, sort_keys=True).encode()
+        params = asdict(self.params)
+        if not (self.params.render_images or self.params.render_audio):  # the log alone: keep older keys
+            for name in MEDIA_PARAMS:
+                params.pop(name)
+        blob = json.dumps({"simulator": SIMULATOR_VERSION, **params}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -165,7 +201,13 @@ class EcommerceSimulator:
         return {"source": self.name, "simulator_version": SIMULATOR_VERSION, **params}
 
     def load(self) -> RawData:
-        return _to_raw_data(self.simulate())
+        sim = self.simulate()
+        media = (
+            render_media(sim.items, self.params)
+            if self.params.render_images or self.params.render_audio
+            else None
+        )
+        return _to_raw_data(sim, media)
 
     def simulate(self) -> Simulation:
         """Every step, in order, with the latent tables kept (for analysis and tests).
@@ -690,7 +732,89 @@ class Simulation:
     log: ImpressionLog
 
 
-def _to_raw_data(sim: Simulation) -> RawData:
+# ---- media: a picture and a sound per item, from the item's category and factors --------------------------
+@dataclass(frozen=True, eq=False)
+class Media:
+    """Rendered item media; row i is item i, None where the item has none (`missing_media_fraction`).
+
+    images: (n_items, S, S, 3) uint8 pictures (height, width, RGB), or None without `render_images`;
+    audio: (n_items, T) float32 sounds at AUDIO_RATE Hz, or None without `render_audio`;
+    image_missing / audio_missing: (n_items,) bool.
+    """
+
+    images: np.ndarray | None
+    audio: np.ndarray | None
+    image_missing: np.ndarray
+    audio_missing: np.ndarray
+
+
+def render_media(items: Items, p: SimulatorParams) -> Media:
+    """A picture and a sound per item that carry its top category, leaf and latent factors, the way a product
+    photo carries colour and shape: content encoders can learn taste from them, imperfectly.
+
+    Picture (S x S RGB): a background colour of the top category; a sine grating whose orientation, spatial
+    frequency and colour are functions of the factors; a centred disc in the leaf's colour whose radius is
+    another function of the factors; pixel noise. Sound: a tone of the top category's pitch and two tones
+    whose pitches and loudness are functions of the factors, plus noise. Drawn from a generator of its own
+    (seeded by `seed`), after the log: rendering changes no impression.
+    """
+    rng = np.random.default_rng([p.seed, 1])  # never the log's generator
+    n, K = len(items.top), p.latent_dim
+    n_top, n_leaf = len(CATEGORY_TREE), len(LEAVES)
+    v = items.factors * np.sqrt(K)  # factors back at unit scale
+
+    def squash(proj: np.ndarray) -> np.ndarray:  # (n, ...) in (0, 1): a smooth function of the factors
+        return 1.0 / (1.0 + np.exp(-(v @ proj)))
+
+    images = audio = None
+    image_missing = np.zeros(n, dtype=bool)
+    audio_missing = np.zeros(n, dtype=bool)
+    if p.render_images:
+        S = p.image_size
+        top_colour = rng.uniform(30, 225, (n_top, 3))
+        leaf_colour = rng.uniform(0, 255, (n_leaf, 3))
+        angle = np.pi * squash(rng.normal(0, 1, K))  # (n,) grating orientation
+        freq = 1.5 + 3.0 * squash(rng.normal(0, 1, K))  # (n,) cycles per picture
+        stripe_colour = 255 * squash(rng.normal(0, 1, (K, 3)))  # (n, 3)
+        radius = 0.15 + 0.35 * squash(rng.normal(0, 1, K))  # (n,) of the half-width
+        phase = rng.uniform(0, 2 * np.pi, n)
+        grid = np.linspace(-1, 1, S)
+        y, x = np.meshgrid(grid, grid, indexing="ij")  # (S, S)
+        along = np.cos(angle)[:, None, None] * x + np.sin(angle)[:, None, None] * y  # (n, S, S)
+        stripes = 0.5 + 0.5 * np.sin(np.pi * freq[:, None, None] * along + phase[:, None, None])
+        bg = top_colour[items.top][:, None, None, :]  # (n, 1, 1, 3)
+        img = bg + stripes[..., None] * (stripe_colour[:, None, None, :] - bg)  # (n, S, S, 3)
+        disc = (x**2 + y**2)[None] < radius[:, None, None] ** 2  # (n, S, S)
+        img = np.where(disc[..., None], leaf_colour[items.leaf][:, None, None, :], img)
+        img = img + rng.normal(0, 12, img.shape)
+        images = np.clip(np.round(img), 0, 255).astype(np.uint8)
+        image_missing = rng.random(n) < p.missing_media_fraction
+    if p.render_audio:
+        t = np.arange(p.audio_samples) / AUDIO_RATE  # (T,)
+        pitch = np.stack(
+            [
+                200.0 * 2.0 ** (3.0 * items.top / n_top),  # the top category's tone, 200..1600 Hz
+                300.0 * 2.0 ** (3.0 * squash(rng.normal(0, 1, K))),  # 300..2400 Hz
+                300.0 * 2.0 ** (3.0 * squash(rng.normal(0, 1, K))),
+            ],
+            axis=1,
+        )  # (n, 3)
+        loud = np.concatenate([np.full((n, 1), 0.5), 0.2 + 0.6 * squash(rng.normal(0, 1, (K, 2)))], axis=1)
+        phase = rng.uniform(0, 2 * np.pi, (n, 3))
+        tones = loud[:, :, None] * np.sin(2 * np.pi * pitch[:, :, None] * t + phase[:, :, None])  # (n, 3, T)
+        audio = (tones.sum(axis=1) + rng.normal(0, 0.1, (n, len(t)))).astype(np.float32)
+        audio_missing = rng.random(n) < p.missing_media_fraction
+    return Media(images=images, audio=audio, image_missing=image_missing, audio_missing=audio_missing)
+
+
+def _media_column(values: np.ndarray, missing: np.ndarray, name: str) -> pl.Series:
+    """(n, ...) arrays as a list column of the flattened values, null where missing."""
+    column = pl.Series(name, values.reshape(len(values), -1))  # (n, d) -> Array, built without a Python loop
+    column = column.cast(pl.List(column.dtype.inner))
+    return pl.select(pl.when(pl.Series(~missing)).then(column).alias(name)).to_series()
+
+
+def _to_raw_data(sim: Simulation, media: Media | None = None) -> RawData:
     items, users, activity, log = sim.items, sim.users, sim.activity, sim.log
     interactions = pl.DataFrame(
         {
@@ -726,6 +850,13 @@ def _to_raw_data(sim: Simulation) -> RawData:
             "release_ts": items.release_ts,
         }
     )
+    media_kinds = {}
+    if media is not None and media.images is not None:
+        item_table = item_table.with_columns(_media_column(media.images, media.image_missing, "image_rgb"))
+        media_kinds["image_rgb"] = "image"
+    if media is not None and media.audio is not None:
+        item_table = item_table.with_columns(_media_column(media.audio, media.audio_missing, "audio"))
+        media_kinds["audio"] = "audio"
     categorical = [
         "age",
         "gender",
@@ -747,6 +878,7 @@ def _to_raw_data(sim: Simulation) -> RawData:
             "price": "numeric",
             "image": "dense_vector",
             "title": "text",
+            **media_kinds,
         },
         labels=["click", "purchase"],
         item_text="title",

@@ -130,6 +130,8 @@ def _feature(frame: pl.DataFrame, column: str, kind: str, where: validate.File) 
         return validate.to_list(series, where, MULTI_SEPARATOR)
     if kind == "dense_vector":
         return validate.to_vector(series, where, VECTOR_SEPARATOR)
+    if kind in ("image", "audio"):
+        return validate.to_media(series, where, kind)
     if isinstance(series.dtype, (pl.List, pl.Array, pl.Struct)):
         raise SourceError(f"{where}: column {column!r} is a {series.dtype}, which is not a {kind} feature")
     return series.cast(pl.String)  # categorical, text

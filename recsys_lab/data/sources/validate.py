@@ -288,3 +288,33 @@ def to_vector(series: pl.Series, file: File, separator: str = " ") -> pl.Series:
             f"{file}: column {series.name!r} must hold vectors of one length; found lengths {lengths.to_list()}"
         )
     return vectors
+
+
+def to_media(series: pl.Series, file: File, kind: str) -> pl.Series:
+    """An item media column: "image" -> List[u8] of S * S * 3 pixel values (height, width, RGB), "audio" ->
+    List[f32] samples; every non-null row of one length; null stays null (the item has no such media)."""
+    if not (isinstance(series.dtype, (pl.List, pl.Array)) and series.dtype.inner.is_numeric()):
+        raise SourceError(
+            f"{file}: {kind} column {series.name!r} must hold lists of numbers (pixels or samples), found type "
+            f"{series.dtype}"
+        )
+    values = series.cast(pl.List(pl.Float64))
+    lengths = values.list.len().drop_nulls().unique().sort()
+    if len(lengths) > 1:
+        raise SourceError(
+            f"{file}: {kind} column {series.name!r} must hold rows of one length; found lengths {lengths.to_list()}"
+        )
+    if kind == "audio":
+        return series.cast(pl.List(pl.Float32))
+    side = int(round((int(lengths[0]) / 3) ** 0.5)) if len(lengths) else 0
+    if len(lengths) and 3 * side * side != int(lengths[0]):
+        raise SourceError(
+            f"{file}: image column {series.name!r} must hold S * S * 3 values (a square RGB picture), found "
+            f"{int(lengths[0])} per row"
+        )
+    low, high = values.list.min().min(), values.list.max().max()
+    if low is not None and (low < 0 or high > 255):
+        raise SourceError(
+            f"{file}: image column {series.name!r} must hold pixel values in 0..255, found {low}..{high}"
+        )
+    return series.cast(pl.List(pl.UInt8))
