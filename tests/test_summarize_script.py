@@ -66,3 +66,19 @@ def test_cli_names_an_empty_folder(tmp_path):
     )
     assert done.returncode == 2
     assert f"no results.json under {tmp_path}" in done.stderr
+
+
+def test_by_overrides_splits_a_sweep_on_what_its_runs_were_given(tmp_path):
+    for i, (content, ndcg) in enumerate([("image", 0.1), ("image", 0.3), ("[text,image]", 0.4)]):
+        write_run(tmp_path / str(i), "two_tower", i + 1, ndcg, 1.0)
+        overrides = ["model=two_tower", f"model/content={content}", f"seed={i + 1}", "logger=none"]
+        (tmp_path / str(i) / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides))
+    merged = summarize.table(summarize.load_runs([tmp_path]), ["ndcg@10"]).splitlines()
+    assert len(merged) == 3 and "| two_tower | recbole_sequential | full | 3 |" in merged[2]
+    split = summarize.table(summarize.load_runs([tmp_path], by_overrides=True), ["ndcg@10"]).splitlines()
+    assert split[2].startswith(
+        "| two_tower model/content=image | recbole_sequential | full | 2 | 0.2000 ± 0.1414 |"
+    )
+    assert split[3].startswith(
+        "| two_tower model/content=[text,image] | recbole_sequential | full | 1 | 0.4000 |"
+    )

