@@ -72,6 +72,17 @@ def test_two_tower_beats_popularity_on_recall_at_50(make_cfg, tmp_path):
     assert tower["metrics"]["test/ndcg@10"] > pop["metrics"]["test/ndcg@10"]
 
 
+def test_content_ranks_cold_items_which_an_id_model_cannot(make_cfg, tmp_path):
+    cold = [*DEFAULT_DATA, "data.cold_items=true", "trainer.max_epochs=3"]
+    ids = train(make_cfg(["model=mf_bpr", *cold], run_dir=tmp_path / "ids"))
+    pictures = ["model/content=image", "model.net.content.modalities.image.backbone=cnn"]
+    content = train(make_cfg(["model=two_tower", *pictures, *cold], run_dir=tmp_path / "content"))
+    # the same queries: rendering pictures changes no impression
+    assert content["protocol"]["test_targets_cold_item"] == ids["protocol"]["test_targets_cold_item"] > 200
+    assert ids["metrics"]["test/cold/recall@50"] < 0.02  # untrained, small embeddings rank below trained ones
+    assert content["metrics"]["test/cold/recall@50"] > 0.2, content["metrics"]
+
+
 # The models of the CF and sequential families, each on its default config with an epoch budget at which its
 # validation curve has left the popularity plateau on this data (measured: BPR and GRU4Rec sit near popularity
 # for several epochs before they personalise). Early stopping is off so the budget is exact.
