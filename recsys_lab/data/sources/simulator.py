@@ -188,15 +188,20 @@ class EcommerceSimulator:
 
     def fingerprint(self) -> str:
         """Cache key: the parameters and the generator's version."""
-        params = asdict(self.params)
-        if not (self.params.render_images or self.params.render_audio):  # the log alone: keep older keys
-            for name in MEDIA_PARAMS:
-                params.pop(name)
-        blob = json.dumps({"simulator": SIMULATOR_VERSION, **params}, sort_keys=True).encode()
+        blob = json.dumps({"simulator": SIMULATOR_VERSION, **self._params()}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def describe(self) -> dict:
+    def _params(self) -> dict:
+        """The parameters that make the data: without media, the media options are left out, so media-free
+        data keeps the cache key and description it had before media existed."""
         params = asdict(self.params)
+        if not (self.params.render_images or self.params.render_audio):
+            for name in MEDIA_PARAMS:
+                params.pop(name)
+        return params
+
+    def describe(self) -> dict:
+        params = self._params()
         params["simulator_seed"] = params.pop("seed")
         return {"source": self.name, "simulator_version": SIMULATOR_VERSION, **params}
 
