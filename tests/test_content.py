@@ -310,7 +310,14 @@ def test_two_tower_with_content_ranks_cold_items_by_content_not_by_a_random_id_r
 # ---- the config group end to end ----------------------------------------------------------------------------
 @needs_efficientnet
 @pytest.mark.parametrize(
-    "model, fusion", [("two_tower", "GatedFusion"), ("din", "AttentionFusion"), ("two_tower", "ConcatFusion")]
+    "model, fusion",
+    [
+        ("two_tower", "GatedFusion"),
+        pytest.param(
+            "din", "AttentionFusion", marks=pytest.mark.slow
+        ),  # the quick suite runs one combination
+        pytest.param("two_tower", "ConcatFusion", marks=pytest.mark.slow),
+    ],
 )
 def test_content_group_fuses_text_image_and_audio_end_to_end(make_cfg, tmp_path, model, fusion):
     from recsys_lab.train import train
