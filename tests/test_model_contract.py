@@ -193,6 +193,9 @@ MODELS: dict[str, Case] = {
         lambda schema, _: GRU4Rec(schema, embedding_dim=4, hidden_dim=6, tie_embeddings=False)
     ),
     "sasrec": Case(lambda schema, _: SASRec(schema, embedding_dim=4, num_blocks=1, num_heads=2)),
+    "sasrec_recbole": Case(
+        lambda schema, _: SASRec(schema, embedding_dim=4, num_blocks=1, num_heads=2, layout="recbole")
+    ),
     "bert4rec": Case(
         lambda schema, _: BERT4Rec(schema, embedding_dim=4, num_blocks=1, num_heads=2, feed_forward_dim=8)
     ),

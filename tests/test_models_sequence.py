@@ -31,10 +31,13 @@ BUILDERS: dict[str, Callable[[Schema], nn.Module]] = {
     "gru4rec_untied": lambda s: GRU4Rec(s, embedding_dim=8, hidden_dim=12, tie_embeddings=False),
     "sasrec": lambda s: SASRec(s, embedding_dim=8, num_blocks=2, num_heads=2, dropout=0.1),
     "sasrec_ffn": lambda s: SASRec(s, embedding_dim=8, num_heads=2, dropout=0.1, feed_forward_dim=24),
+    "sasrec_recbole": lambda s: SASRec(
+        s, embedding_dim=8, num_heads=2, feed_forward_dim=24, layout="recbole"
+    ),
     "bert4rec": lambda s: BERT4Rec(s, embedding_dim=8, num_blocks=2, num_heads=2, feed_forward_dim=16),
     "hstu": lambda s: HSTU(s, embedding_dim=8, num_blocks=2, num_heads=2, attention_dim=4, linear_dim=4),
 }
-CAUSAL = ["gru4rec", "gru4rec_untied", "sasrec", "sasrec_ffn", "hstu"]
+CAUSAL = ["gru4rec", "gru4rec_untied", "sasrec", "sasrec_ffn", "sasrec_recbole", "hstu"]
 
 
 def schema() -> Schema:
@@ -158,6 +161,7 @@ PINNED = {  # encode_query(seq_batch([1, 3, 6, 0])) of each model as `build` mak
     "gru4rec_untied": (1.0212657, 5.7009339),
     "sasrec": (-0.081434026, 19.090689),
     "sasrec_ffn": (-1.2526168, 20.845497),  # RecBole-style wider FFN (feed_forward_dim=24 = 3D here)
+    "sasrec_recbole": (-0.44552147, 19.351748),  # RecBole's layout: input LayerNorm, post-LN blocks, GELU
     "bert4rec": (2.7356963, 29.496706),
     "hstu": (39.497375, 190.5427),
 }

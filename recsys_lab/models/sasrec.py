@@ -12,6 +12,7 @@ from recsys_lab.modules.sequence import (
     FeedForward,
     LearnedPositions,
     MultiHeadSelfAttention,
+    PostNormBlock,
     attention_mask,
     init_normal,
     item_sequence,
@@ -59,6 +60,9 @@ class SASRec(nn.Module):
         num_heads: attention heads (paper: 1).
         dropout: on the inputs, the attention weights and every sub-layer output (paper, ML-1M: 0.2).
         feed_forward_dim: the FFN's inner width; None = D, the paper's (RecBole's SASRec uses 256 = 4D).
+        layout: "paper" — the above; "recbole" — RecBole's implementation of the same model: inputs item +
+            position embedding without the sqrt(D) scale, LayerNorm on the inputs, post-LN blocks
+            (`PostNormBlock`) with a GELU FFN, no final LayerNorm.
 
     encode_sequence(batch) -> (B, L, D); encode_query(batch) -> (B, D), the state at the last real item;
     item_table() -> (V, D); encode_item(batch) -> (N, D); forward(batch) -> (B,), their row-wise dot.
@@ -72,37 +76,49 @@ class SASRec(nn.Module):
         num_heads: int = 1,
         dropout: float = 0.2,
         feed_forward_dim: int | None = None,
+        layout: str = "paper",
     ) -> None:
         super().__init__()
+        if layout not in ("paper", "recbole"):
+            raise ValueError(f"model.net.layout='{layout}': expected 'paper' or 'recbole'")
+        self.layout = layout
         sequence = item_sequence(schema, "SASRec")
         self.sequence, self.item_id = sequence.name, schema.item_id
         self.items = nn.Embedding(schema.num_items, embedding_dim)
         self.positions = LearnedPositions(sequence.max_len, embedding_dim)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            SASRecBlock(
+            (SASRecBlock if layout == "paper" else PostNormBlock)(
                 MultiHeadSelfAttention(embedding_dim, num_heads, dropout),
-                FeedForward(embedding_dim, feed_forward_dim or embedding_dim, nn.ReLU(), dropout),
+                FeedForward(
+                    embedding_dim,
+                    feed_forward_dim or embedding_dim,
+                    nn.ReLU() if layout == "paper" else nn.GELU(),
+                    dropout,
+                ),
                 embedding_dim,
                 dropout,
             )
             for _ in range(num_blocks)
         )
-        self.norm = nn.LayerNorm(embedding_dim)
+        self.norm = nn.LayerNorm(embedding_dim)  # paper: after the blocks; recbole: on the inputs
         self.apply(init_normal)
 
     def encode_sequence(self, batch: Batch) -> Tensor:
         seq = batch.seq[self.sequence]
         B, L = seq.ids.shape
         D = self.items.embedding_dim
-        x = self.items(seq.ids) * math.sqrt(D) + self.positions(L)  # (B, L, D)
+        if self.layout == "paper":
+            x = self.items(seq.ids) * math.sqrt(D) + self.positions(L)  # (B, L, D)
+        else:
+            x = self.norm(self.items(seq.ids) + self.positions(L))  # (B, L, D)
         # zero the padded inputs, as the paper's code does: with the key mask they could not reach a real
         # position anyway, but this keeps padded states independent of whatever ids the padding holds
         x = self.dropout(x) * seq.mask().unsqueeze(-1)  # (B, L, D)
         allowed = attention_mask(seq.lengths, L, causal=True)  # (B, L, L)
         for block in self.blocks:
             x = block(x, allowed)  # (B, L, D)
-        return self.norm(x)  # (B, L, D)
+        return self.norm(x) if self.layout == "paper" else x  # (B, L, D)
 
     def item_table(self) -> Tensor:
         return self.items.weight  # (V, D)
