@@ -68,15 +68,13 @@ def load_runs(folders: Iterable[Path], by_overrides: bool = False) -> list[dict]
             except (OSError, json.JSONDecodeError) as err:
                 raise ValueError(f"summarize: {path} is not a readable results.json ({err})") from err
             protocol = results.get("protocol", {})
+            label = model_choice(path.parent, results)
+            if by_overrides and (overrides := run_overrides(path.parent)):
+                label = f"{label} {overrides}"
             runs.append(
                 {
                     "path": path,
-                    "model": " ".join(
-                        filter(
-                            None,
-                            [model_choice(path.parent, results), by_overrides and run_overrides(path.parent)],
-                        )
-                    ),
+                    "model": label,
                     "protocol": str(protocol.get("protocol_preset") or "-"),
                     "candidates": candidates(protocol),
                     "seed": results.get("seed"),

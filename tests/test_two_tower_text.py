@@ -175,7 +175,9 @@ def test_item_cache_is_refreshed_exactly_when_the_encoder_changed(bert, schema):
     direct = torch.nn.functional.normalize(
         direct
         + model.item_ids(
-            torch.where(model.trained_id[torch.arange(schema.num_items)], torch.arange(schema.num_items), 0)
+            torch.where(
+                model.unknown_ids.trained[torch.arange(schema.num_items)], torch.arange(schema.num_items), 0
+            )
         ),
         dim=-1,
     )

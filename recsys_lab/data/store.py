@@ -93,13 +93,8 @@ def _item_media(items: pl.DataFrame, meta: PreparedMeta, table: EntityTable) -> 
     for name, f in meta.features.items():
         if f.side != "item" or f.kind not in ("dense_vector", "image", "audio"):
             continue
-        if f.kind == "dense_vector":
-            given = items[name + PRESENT] if name + PRESENT in items.columns else None
-            present = (
-                torch.as_tensor(given.to_numpy())
-                if given is not None
-                else torch.ones(items.height, dtype=torch.bool)
-            )
+        if f.kind == "dense_vector":  # preparation wrote which vectors were given
+            present = torch.as_tensor(items[name + PRESENT].to_numpy())
             media[name] = ContentTable("vector", table.dense[name], present)
             continue
         column = items[name]

@@ -14,7 +14,7 @@ from recsys_lab.data.schema import Schema, Side
 from recsys_lab.data.store import history_feature
 from recsys_lab.modules.attention import masked_mean
 from recsys_lab.modules.content import ItemContent
-from recsys_lab.modules.embeddings import FeatureEmbedding, concat_dense
+from recsys_lab.modules.embeddings import FeatureEmbedding, UnknownItemIds, concat_dense
 from recsys_lab.modules.mlp import MLP, relu
 
 
@@ -56,19 +56,16 @@ class TwoTower(nn.Module):
         id_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if not 0.0 <= id_dropout < 1.0:
-            raise ValueError(f"model.net.id_dropout={id_dropout}: expected a probability in [0, 1)")
         self.embedding = FeatureEmbedding(schema, embedding_dim, sides=("user", "item"))
         self.query_features = self._features(schema, "user")
         self.item_features = self._features(schema, "item")
-        self.item_id, self.id_dropout = schema.item_id, id_dropout
+        self.item_id = schema.item_id
         self.content = content(schema=schema) if content is not None else None
         content_dim = self.content.dim if self.content is not None else 0
         self.history = history_feature(schema.item_id)
         self.history_content = self.content is not None and self.history in self.query_features["seq"]
-        if self.content is not None:
-            counts = schema.item_counts if schema.item_counts is not None else torch.ones(schema.num_items)
-            self.register_buffer("trained_id", counts > 0, persistent=False)
+        # read with content only: cold items then read the "unknown" id row, trained by id dropout
+        self.unknown_ids = UnknownItemIds(schema, id_dropout)
         self.query_tower = MLP(
             self._input_dim(schema, self.query_features, embedding_dim) + content_dim * self.history_content,
             tower_hidden,
@@ -109,17 +106,13 @@ class TwoTower(nn.Module):
             parts.append(concat_dense(batch, features["dense"]))  # (B, sum(dim))
         return F.normalize(tower(torch.cat(parts + extra, dim=-1)), dim=-1)  # (B, output_dim), unit norm
 
-    def _known_ids(self, codes: Tensor) -> Tensor:
-        """Item codes with the never-trained ones (cold-start items) replaced by row 0, "unknown"."""
-        return torch.where(self.trained_id[codes], codes, 0)
-
     def encode_query(self, batch: Batch) -> Tensor:
         """User-side features of B rows -> unit-norm query encodings (B, output_dim)."""
         extra = []
         if self.history_content:  # the mean content of the history items; their untrained ids read "unknown"
             history = batch.seq[self.history]
             extra.append(masked_mean(self.content(history.ids), history.mask()))  # (B, content dim)
-            known = dataclasses.replace(history, ids=self._known_ids(history.ids))
+            known = dataclasses.replace(history, ids=self.unknown_ids(history.ids, hide=False))
             batch = dataclasses.replace(batch, seq={**batch.seq, self.history: known})
         return self._encode(batch, self.query_features, self.query_tower, extra)
 
@@ -128,9 +121,7 @@ class TwoTower(nn.Module):
         if self.content is None:
             return self._encode(batch, self.item_features, self.item_tower, [])
         codes = batch.sparse[self.item_id]
-        ids = self._known_ids(codes)  # untrained rows are noise: read "unknown"
-        if self.training and self.id_dropout > 0:
-            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, 0, ids)
+        ids = self.unknown_ids(codes)  # untrained rows are noise: read "unknown"
         batch = dataclasses.replace(batch, sparse={**batch.sparse, self.item_id: ids})
         return self._encode(batch, self.item_features, self.item_tower, [self.content(codes)])
 

@@ -24,7 +24,8 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import history_feature
 from recsys_lab.data.text import ItemTokens, history_inputs, item_inputs, recent_items
 from recsys_lab.modules.attention import masked_mean
-from recsys_lab.modules.content import EncodingCache, pool_hidden
+from recsys_lab.modules.content import EncodingCache, encode_item_texts, pool_hidden
+from recsys_lab.modules.embeddings import UnknownItemIds
 from recsys_lab.modules.finetune import FinetunePolicy, Full
 from recsys_lab.utils.pretrained import load_encoder
 
@@ -88,8 +89,6 @@ class TextTwoTower(nn.Module):
             raise ValueError(
                 "model.net.id_embeddings=true needs model.net.output_dim (the width ids embed to)"
             )
-        if not 0.0 <= id_dropout < 1.0:
-            raise ValueError(f"model.net.id_dropout={id_dropout}: expected a probability in [0, 1)")
         if schema.item_text is None:
             raise ValueError(
                 "TextTwoTower needs the item texts (schema.item_text): set data.text (conf/model/two_tower_text.yaml "
@@ -103,7 +102,7 @@ class TextTwoTower(nn.Module):
         self.item_id, self.user_id = schema.item_id, schema.user_id
         self.pooling, self.user_text = pooling, user_text
         self.max_history_items, self.max_query_tokens, self.chunk = max_history_items, max_query_tokens, chunk
-        self.id_dropout, self.pretrained_lr = id_dropout, pretrained_lr
+        self.pretrained_lr = pretrained_lr
 
         encoder = load_encoder(pretrained, sha256=sha256, allow_download=allow_download)  # no pooler
         hidden = encoder.config.hidden_size  # H
@@ -116,8 +115,7 @@ class TextTwoTower(nn.Module):
             for table in (self.user_ids, self.item_ids):
                 nn.init.normal_(table.weight, std=0.01)  # small: the text carries the signal at the start
         # Items never a training positive have an untrained id row: they read row 0 ("unknown") instead.
-        counts = schema.item_counts if schema.item_counts is not None else torch.ones(schema.num_items)
-        self.register_buffer("trained_id", counts > 0, persistent=False)
+        self.unknown_ids = UnknownItemIds(schema, id_dropout)
         tokens: ItemTokens = schema.item_text
         # the token table as buffers (they follow the model's device); the special ids beside them
         self.register_buffer("item_tokens", tokens.tokens, persistent=False)
@@ -169,28 +167,18 @@ class TextTwoTower(nn.Module):
     def _cached_states(self) -> Tensor:
         """(V, H), recomputed only when a weight of the encoder changed (an optimizer step, a checkpoint load:
         both write the parameters in place, which bumps their version counters) or moved device."""
-
-        def encode_all() -> Tensor:
-            was_training = self.encoder.training
-            self.encoder.eval()  # the cached encoding is the deterministic one (no dropout)
-            with torch.no_grad():
-                codes = torch.arange(len(self.item_lengths), device=self.item_tokens.device)
-                chunks = [codes[s : s + self.chunk] for s in range(0, len(codes), self.chunk)]
-                states = torch.cat([self._pool(item_inputs(self._table(), c)) for c in chunks])  # (V, H)
-            self.encoder.train(was_training)
-            return states
-
-        return self._cache.get(self.encoder.parameters(), self.item_tokens.device, encode_all)
+        return self._cache.get(
+            self.encoder.parameters(),
+            self.item_tokens.device,
+            lambda: encode_item_texts(self.encoder, self._table(), self.pooling, self.chunk),  # (V, H)
+        )
 
     # ---- the towers ----------------------------------------------------------------------------------------
     def _item_vectors(self, codes: Tensor) -> Tensor:
         """Item codes (any shape S) -> projected item vectors (*S, D) before normalisation."""
         vectors = self.item_head(self._states(codes))
         if self.item_ids is not None:
-            ids = torch.where(self.trained_id[codes], codes, 0)
-            if self.training and self.id_dropout > 0:  # hide ids so that row 0 learns to stand for "unknown"
-                ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.id_dropout, 0, ids)
-            vectors = vectors + self.item_ids(ids)
+            vectors = vectors + self.item_ids(self.unknown_ids(codes))
         return vectors
 
     def encode_query(self, batch: Batch) -> Tensor:

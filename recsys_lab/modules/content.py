@@ -76,6 +76,20 @@ def pool_hidden(encoder: nn.Module, inputs: dict[str, Tensor], pooling: str) -> 
     return masked_mean(hidden, inputs["attention_mask"].bool())  # (N, H)
 
 
+def encode_item_texts(encoder: nn.Module, table: ItemTokens, pooling: str, chunk: int) -> Tensor:
+    """Every item code's text through `encoder`, `chunk` texts per pass, pooled: (V, H). In eval mode (the
+    deterministic encoding, no dropout; the encoder's mode is restored) and without gradient: what a cache holds."""
+    was_training = encoder.training
+    encoder.eval()
+    codes = torch.arange(len(table.lengths), device=table.tokens.device)
+    with torch.no_grad():
+        states = torch.cat(
+            [pool_hidden(encoder, item_inputs(table, codes[s : s + chunk]), pooling) for s in range(0, len(codes), chunk)]
+        )  # fmt: skip
+    encoder.train(was_training)
+    return states
+
+
 def _table(schema: Schema, column: str, kind: str, who: str) -> ContentTable:
     table = schema.item_content.get(column)
     if table is None or table.kind != kind:
@@ -180,14 +194,7 @@ class TextEncoder(ModalityEncoder):
     def _all_items(self) -> Tensor:
         encoder = self._frozen[0].to(self.tokens.device)
         table = ItemTokens(self.tokens, self.lengths, *self.special_ids)
-        codes = torch.arange(len(self.lengths), device=self.tokens.device)
-        with torch.no_grad():
-            return torch.cat(
-                [
-                    pool_hidden(encoder, item_inputs(table, codes[s : s + self.chunk]), self.pooling)
-                    for s in range(0, len(codes), self.chunk)
-                ]
-            )  # fmt: skip  (V, H)
+        return encode_item_texts(encoder, table, self.pooling, self.chunk)  # (V, H)
 
     def encode(self, codes: Tensor) -> Tensor:
         states = self.cache.get(self._frozen[0].parameters(), self.tokens.device, self._all_items)
@@ -244,7 +251,6 @@ class ImageEncoder(ModalityEncoder):
         self.register_buffer("pixels", table.values, persistent=False)  # uint8 (V, 3, S, S)
         self.register_buffer("present", table.present, persistent=False)
         self.backbone, self.resize, self.chunk = backbone, resize, chunk
-        self.cache = EncodingCache()
         if backbone == "cnn":
             self.cnn = SmallCNN(3)
             width = self.cnn.num_features
@@ -255,6 +261,7 @@ class ImageEncoder(ModalityEncoder):
             self._frozen = [EfficientNetLite0.pretrained(weights).eval()]
             for p in self._frozen[0].parameters():
                 p.requires_grad_(False)
+            self.cache = EncodingCache()  # (V, 1280) pooled features
             width = EfficientNetLite0.num_features
         self.proj = nn.Linear(width, dim)
 

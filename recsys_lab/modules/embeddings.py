@@ -83,3 +83,30 @@ def concat_dense(batch: Batch, names: Sequence[str]) -> Tensor:
     """Dense features `names` side by side: float (B, sum of dims). A [B] feature becomes one column."""
     columns = [batch.dense[n].unsqueeze(-1) if batch.dense[n].dim() == 1 else batch.dense[n] for n in names]
     return torch.cat(columns, dim=-1)  # (B, sum(dim))
+
+
+class UnknownItemIds(nn.Module):
+    """The item ids an id table should read when cold-start items must not read untrained rows.
+
+    Items never a training positive (`schema.item_counts` 0, the cold-start items among them) have a row that
+    no gradient ever reached: they read row 0, "unknown", instead. During training each id is also hidden (set
+    to 0) with probability `dropout`, so that row 0 learns to stand for an item known by its content alone
+    (DropoutNet, Volkovs et al., NeurIPS 2017).
+
+    forward(codes (any shape), hide=True) -> ids of the same shape; `hide=False` skips the dropout (ids that
+    describe the query, e.g. its history, rather than the item being learned).
+    """
+
+    def __init__(self, schema: Schema, dropout: float) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.net.id_dropout={dropout}: expected a probability in [0, 1)")
+        self.dropout = dropout
+        counts = schema.item_counts if schema.item_counts is not None else torch.ones(schema.num_items)
+        self.register_buffer("trained", counts > 0, persistent=False)  # (V,)
+
+    def forward(self, codes: Tensor, hide: bool = True) -> Tensor:
+        ids = torch.where(self.trained[codes], codes, 0)
+        if hide and self.training and self.dropout > 0:
+            ids = torch.where(torch.rand(ids.shape, device=ids.device) < self.dropout, 0, ids)
+        return ids

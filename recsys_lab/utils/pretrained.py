@@ -91,7 +91,8 @@ def resolve_pretrained(
             weights = os.path.join(expanded, gguf_file or "model.safetensors")
             if not os.path.isfile(weights):
                 raise FileNotFoundError(
-                    f"pretrained folder '{expanded}' has no model.safetensors to check against sha256={sha256}; "
+                    f"pretrained folder '{expanded}' has no {os.path.basename(weights)} to check against "
+                    f"sha256={sha256}; "
                     f"expected {_EXPECTED}"
                 )
             actual = file_sha256(weights)

@@ -73,9 +73,15 @@ def build_tiny_bert(folder: str | os.PathLike, seed: int = 0) -> str:
         max_position_embeddings=512,
         pad_token_id=0,
     )
+    return _save_seeded(BertModel, config, folder, seed)
+
+
+def _save_seeded(model_class, config, folder: str, seed: int) -> str:
+    """A `model_class(config)` whose random weights depend only on `seed` (the global RNG state is left
+    untouched), saved into `folder`; returns the folder."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(config)
+        model = model_class(config)
     model.save_pretrained(folder)
     return folder
 
@@ -119,8 +125,4 @@ def build_tiny_causal_lm(folder: str | os.PathLike, seed: int = 0) -> str:
         eos_token_id=None,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    return folder
+    return _save_seeded(LlamaForCausalLM, config, folder, seed)
