@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,7 +34,8 @@ from recsys_lab.data.splits import HISTORY, TEST, TRAIN, VAL
 from recsys_lab.data.store import Ragged
 from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
 
-PREPARE_VERSION = 3  # 2: data.cold_items (first_cold_item in meta); 3: item media, vector presence columns
+PREPARE_VERSION = 4  # 2: data.cold_items (first_cold_item in meta); 3: item media, vector presence columns;
+# 4: categorical vocabularies in meta (serving reads raw values)
 PRESENT = "__present"  # suffix of the bool column saying which rows of a dense vector were given (not null)
 STAGES = {"train": TRAIN, "val": VAL, "test": TEST}
 # context derived from each interaction's timestamp (`data.time_context`): name -> (column, kind)
@@ -85,6 +86,9 @@ class PreparedMeta:
         eval_candidates: the candidate protocol's name ("full", "uniform_100", ...).
         first_cold_item: with `data.cold_items`, the first code of the items that have no training interaction
             (codes first_cold_item..V-1, after the training vocabulary); None when they are not ranked.
+        vocabularies: per categorical / multi-categorical column (user, item and context; not the ids, whose
+            raw values stay in the entity tables), its training values as strings in code order: value i has
+            code i + 1 (code 0 is "unknown"). What a served request's raw values are encoded with.
     """
 
     features: dict[str, FeatureMeta]
@@ -101,6 +105,7 @@ class PreparedMeta:
     cutoffs: list[Any]
     eval_candidates: str
     first_cold_item: int | None = None
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)
 
     def without_context(self) -> PreparedMeta:
         """The same dataset described without its interaction context features (the `data.context=false`
@@ -307,6 +312,7 @@ def prepare(
         "vocab_sizes": {},
         "normalisers": {},
         "counts": counts,
+        "vocabularies": {},
     }  # -> PreparedMeta
     # ids: vocabularies of the training rows
     user_vocab = fit_vocab(train["user_id"])
@@ -331,6 +337,7 @@ def prepare(
             vocab = fit_vocab(train[col].cast(pl.String))
             inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
             meta["vocab_sizes"][col] = vocab.height + 1
+            meta["vocabularies"][col] = vocab["value"].to_list()
             meta["features"][col] = FeatureMeta("categorical", "context")
             continue
         values, kind = _encode_numeric(col, _floats(inter[col], "numeric"), train_rows, numeric, meta)
@@ -414,6 +421,7 @@ def _encode_table(
             vocab = fit_vocab(train_table[col].cast(pl.String))
             out[col] = pl.Series(col, encode(table[col].cast(pl.String), vocab))
             meta["vocab_sizes"][col] = vocab.height + 1
+            meta["vocabularies"][col] = vocab["value"].to_list()
         elif kind == "multi_categorical":
             tokens = train_table[col].cast(pl.List(pl.String)).explode()
             vocab = fit_vocab(tokens)
@@ -424,6 +432,7 @@ def _encode_table(
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             out[col] = Ragged(torch.as_tensor(ids[valid]), torch.as_tensor(offsets)).to_lists(col)
             meta["vocab_sizes"][col] = vocab.height + 1
+            meta["vocabularies"][col] = vocab["value"].to_list()
             features[col] = FeatureMeta(kind, side, max_len=int(ids.shape[1]))
             continue
         elif kind == "numeric":
