@@ -108,7 +108,9 @@ def load_run(path: str | Path, data_dir: str | None = None) -> LoadedRun:
     checkpoint = load_checkpoint(str(ckpt_path))
     info = checkpoint.get("recsys_lab_run")
     if info is None:
-        raise ConfigError(f"run {path}: {ckpt_path} was not written by recsys_lab's train.py (no run metadata)")
+        raise ConfigError(
+            f"run {path}: {ckpt_path} was not written by recsys_lab's train.py (no run metadata)"
+        )
     cfg = OmegaConf.create(info["config"])
     cfg.train = False  # no optimizer is built: nothing trains here
     if data_dir is not None:
