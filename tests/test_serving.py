@@ -232,3 +232,59 @@ def test_configuration_errors_name_the_key(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no checkpoint"):
         find_checkpoint(tmp_path / "empty")
+
+
+# ---- the offline evaluation of the pipeline (scripts/eval_pipeline.py) ---------------------------------------
+def _eval_script():
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("eval_pipeline", REPO / "scripts" / "eval_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _eval_cfg(served_runs, tmp_path, overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from recsys_lab.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "eval_pipeline",
+            overrides=[
+                f"retrieval_run={served_runs['retrieval']}",
+                f"ranking_run={served_runs['ranking']}",
+                "max_queries=60",
+                "latency_queries=3",
+                *overrides,
+            ],
+        )
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def test_pipeline_over_the_whole_catalogue_is_the_ranker_alone(served_runs, tmp_path):
+    """With N >= the catalogue, retrieve → rank ranks every item: the same metrics as the ranker alone; the
+    stage-1 recall is 1 and bounds nothing; a smaller N bounds the pipeline's recall by stage 1's."""
+    script = _eval_script()
+    whole = script.evaluate_pipeline(_eval_cfg(served_runs, tmp_path, ["candidates=100000", "k=10"]))
+    rows = whole["systems"]
+    assert whole["candidates"] == whole["pipeline"]["catalogue_items"]  # N clamped to the catalogue
+    assert rows["retrieve → rank"][f"recall@{whole['candidates']} (stage 1)"] == pytest.approx(1.0)
+    for metric in ("recall@10", "ndcg@10"):
+        assert rows["retrieve → rank"][metric] == pytest.approx(rows["ranker alone"][metric], abs=1e-6)
+    assert (tmp_path / "results.json").is_file() and 0 < whole["queries"] <= 60
+    small = script.evaluate_pipeline(_eval_cfg(served_runs, tmp_path, ["candidates=12", "k=10", "diversity=0"]))
+    rows = small["systems"]
+    assert "retrieve → rank → MMR" not in rows
+    assert rows["retrieve → rank"]["recall@10"] <= rows["retrieve → rank"]["recall@12 (stage 1)"] + 1e-9
+    assert rows["retrieval alone"]["recall@10"] <= rows["retrieval alone"]["recall@12 (stage 1)"] + 1e-9
+    assert all(v["total ms p50"] > 0 for v in rows.values())

@@ -261,6 +261,15 @@ class RequestEncoder:
                 batch.seq[history_feature(column)] = Seq(store.items.sparse[column][ids], lengths)
         return EncodedRequests(batch, history, known, unknown_items, exclude)
 
+    def encode_stored(self, users: Tensor, level: int, exclude: list[np.ndarray]) -> EncodedRequests:
+        """Queries of user entities as of a timeline level (the offline evaluation of the pipeline: level 1 is
+        the test queries' view, train + validation), gathered exactly as ranking evaluation gathers them."""
+        batch, hist = self.store._query_part(users, level)
+        if hist is None:  # a model that reads no history: an empty one for the explanations
+            hist = Seq(torch.zeros(len(users), 1, dtype=torch.long), torch.zeros_like(users))
+        known = torch.ones(len(users), dtype=torch.bool)
+        return EncodedRequests(batch, Seq(hist.ids, hist.lengths), known, [[] for _ in users], exclude)
+
     def user_key(self, raw: Any) -> Any:
         """Where a user's online events are kept: the entity of a known user, else the raw id."""
         entity = self.user_entity_of(raw)
