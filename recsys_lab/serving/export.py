@@ -96,8 +96,7 @@ def read_inputs(net: nn.Module, method: str, batch: Batch) -> list[str]:
     seqs = {}
     for name, seq in batch.seq.items():
         probe = _NotedSeq(seq.ids, seq.lengths, seq.times)
-        object.__setattr__(probe, "_noted", noted)
-        object.__setattr__(probe, "_key", name)
+        probe._noted, probe._key = noted, name
         seqs[name] = probe
     probe_batch = Batch(
         sparse=_NotedDict(batch.sparse, "sparse", noted),
@@ -293,9 +292,8 @@ def export_graph(module: FlatInputs, sample: list[Tensor], path: Path, fmt: str,
     except Exception as err:  # the exporters' own message is pages long: name the model and the first cause
         cause = str(err).split("## Exception summary")[-1].strip().split("\n")[0]
         raise ExportError(
-            f"{type(module.net).__name__}.{module.method} cannot be traced by torch.export for {fmt}: {cause} "
-            "(the full trace is chained above)"
-        ) from err
+            f"{type(module.net).__name__}.{module.method} cannot be traced by torch.export for {fmt}: {cause}"
+        ) from err  # chained: the exporter's full report stays one traceback away
 
 
 def _export(module: FlatInputs, sample: list[Tensor], path: Path, fmt: str, output: str, dynamic) -> None:

@@ -9,7 +9,9 @@ queries without scoring the whole catalogue when the catalogue is large:
 - "hnsw": a navigable small-world graph (Malkov & Yashunin, TPAMI 2018, arXiv:1603.09320), approximate, no
   training, the usual choice up to tens of millions of items (`hnsw_m` links per node, `ef_search` breadth);
 - "ivfpq": an inverted file with product quantisation (Jégou et al., TPAMI 2011): vectors compressed to
-  `pq_m` bytes, searched in `nprobe` of `nlist` cells; trained on the vectors themselves.
+  `pq_m` bytes, searched in `nprobe` of `nlist` cells; trained on the vectors themselves;
+- "sq8": every vector scanned like "flat", but stored as int8, one byte per dimension (a quarter of float32):
+  each dimension's range, learned from the vectors, is cut into 256 steps (FAISS's 8-bit scalar quantiser).
 
 Seen items are filtered by over-fetching: each batch asks FAISS for k + (the longest exclusion list of the batch)
 neighbours and drops the excluded ones (one comparison against a padded exclusion matrix, no loop over the
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfpq", "sq8")
 
 
 def _faiss():
@@ -39,7 +41,7 @@ class ItemIndex:
     Args:
         vectors: float (N, D) item encodings (`encode_item` of the catalogue).
         codes: int (N,) the item code of each row (default 0..N-1).
-        kind: "flat", "hnsw" or "ivfpq" (see the module docstring).
+        kind: "flat", "hnsw", "ivfpq" or "sq8" (see the module docstring).
         hnsw_m, ef_search: HNSW's links per node and search breadth.
         nlist, nprobe, pq_m, pq_bits: IVF-PQ's cells, cells searched, sub-quantisers (must divide D) and bits
             per code.
@@ -78,6 +80,11 @@ class ItemIndex:
         elif kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efSearch = ef_search
+        elif kind == "sq8":
+            self.index = faiss.IndexScalarQuantizer(
+                dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
+            self.index.train(vectors)  # each dimension's min and max
         else:
             if dim % pq_m:
                 raise ValueError(f"ItemIndex: pq_m={pq_m} must divide the encoding width {dim}")
