@@ -248,6 +248,9 @@ class Pipeline:
             "ranking": self.ranking.describe() if self.ranking else None,
             "index": {"kind": self.index.kind, "size": len(self.index)} if self.index else None,
             "catalogue_items": self.num_items - 1,
+            "users": len(self.catalogue.user_entity),
+            # some raw user ids the data knows (a client's or a load test's first requests)
+            "user_id_sample": list(self.catalogue.user_entity)[:1000],
             "candidates": self.n_candidates,
             "diversity": self.diversity,
             "exclude_seen": self.exclude_seen,
