@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("faiss")
 
 from recsys_lab.data.store import history_feature  # noqa: E402
+from recsys_lab.data.text import tokenize_texts  # noqa: E402
 from recsys_lab.serving.pipeline import Pipeline, _mmr  # noqa: E402
 from recsys_lab.serving.requests import Filters, Request, RequestError  # noqa: E402
 from recsys_lab.serving.runs import find_checkpoint, load_run  # noqa: E402
@@ -282,9 +283,58 @@ def test_pipeline_over_the_whole_catalogue_is_the_ranker_alone(served_runs, tmp_
     for metric in ("recall@10", "ndcg@10"):
         assert rows["retrieve → rank"][metric] == pytest.approx(rows["ranker alone"][metric], abs=1e-6)
     assert (tmp_path / "results.json").is_file() and 0 < whole["queries"] <= 60
-    small = script.evaluate_pipeline(_eval_cfg(served_runs, tmp_path, ["candidates=12", "k=10", "diversity=0"]))
+    small = script.evaluate_pipeline(
+        _eval_cfg(served_runs, tmp_path, ["candidates=12", "k=10", "diversity=0"])
+    )
     rows = small["systems"]
     assert "retrieve → rank → MMR" not in rows
     assert rows["retrieve → rank"]["recall@10"] <= rows["retrieve → rank"]["recall@12 (stage 1)"] + 1e-9
     assert rows["retrieval alone"]["recall@10"] <= rows["retrieval alone"]["recall@12 (stage 1)"] + 1e-9
     assert all(v["total ms p50"] > 0 for v in rows.values())
+
+
+# ---- free-text search through a text tower ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, data_dir):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from recsys_lab.train import train
+    from tests.conftest import compose_cfg
+    from tests.helpers import model_overrides
+
+    root = tmp_path_factory.mktemp("text_run")
+    overrides = [
+        *model_overrides("two_tower_text", root),
+        "trainer.max_epochs=1",
+        "model.net.id_embeddings=false",
+    ]
+    train(compose_cfg(overrides, root, data_dir, root / "run"))
+    GlobalHydra.instance().clear()
+    return load_run(root / "run")
+
+
+def test_free_text_search_is_the_query_of_a_one_item_history(text_run):
+    """encode_text(an item's text) is the query of a history holding that one item (no user id part), and a
+    text request retrieves by it; a retrieval model without encode_text answers a clear request error."""
+    pipe = Pipeline(text_run, None)
+    net, store = text_run.net, text_run.store
+    code = 5
+    title = store.texts_by_code()[code]
+    tokens, lengths = tokenize_texts(pipe.tokenizer, [title], text_run.datamodule.text.max_item_tokens)
+    with torch.no_grad():
+        from_text = net.encode_text(tokens, lengths)
+        encoded = pipe.catalogue.encode([Request(items=[pipe.catalogue.code_raw[code]])], exclude_seen=False)
+        from_history = net.encode_query(encoded.batch)
+    torch.testing.assert_close(from_text, from_history, atol=1e-5, rtol=1e-4)
+    out = pipe.recommend(Request(text=title, k=5))
+    scores = from_text.numpy() @ pipe.item_vectors.T
+    scores[0, 0] = -np.inf
+    assert out.source == "text"
+    best = np.argsort(-scores[0], kind="stable")[:5]
+    np.testing.assert_allclose(out.scores, scores[0, best], rtol=1e-5)  # near-ties may swap places
+    assert out.items[0] == pipe.catalogue.code_raw[best[0]]
+
+
+def test_text_search_without_a_text_model_is_a_request_error(runs):
+    with pytest.raises(RequestError, match="free-text search needs a retrieval model with encode_text"):
+        Pipeline(runs["retrieval"], None).recommend(Request(text="red shoes", k=3))

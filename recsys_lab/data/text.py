@@ -81,12 +81,7 @@ class TextTables:
     @classmethod
     def tokenize(cls, spec: TextSpec, texts: list[str]) -> TextTables:
         """Load the spec's tokenizer (local files unless `allow_download`) and tokenize every item text."""
-        from transformers import AutoTokenizer
-
-        from recsys_lab.utils.pretrained import resolve_pretrained
-
-        path = resolve_pretrained(spec.pretrained, allow_download=spec.allow_download)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not spec.allow_download)
+        tokenizer = load_tokenizer(spec)
         tokens, lengths = tokenize_texts(tokenizer, texts, spec.max_item_tokens)
         semicolon = tokenizer(";", add_special_tokens=False)["input_ids"]
         return cls(
@@ -127,6 +122,16 @@ class TextTables:
         return replace(
             self, item_tokens=self.item_tokens.to(device), item_lengths=self.item_lengths.to(device)
         )
+
+
+def load_tokenizer(spec: TextSpec):
+    """The spec's Hugging Face tokenizer, from local files unless `allow_download`."""
+    from transformers import AutoTokenizer
+
+    from recsys_lab.utils.pretrained import resolve_pretrained
+
+    path = resolve_pretrained(spec.pretrained, allow_download=spec.allow_download)
+    return AutoTokenizer.from_pretrained(path, local_files_only=not spec.allow_download)
 
 
 def item_inputs(table: ItemTokens, codes: Tensor) -> dict[str, Tensor]:

@@ -194,6 +194,15 @@ class TextTwoTower(nn.Module):
             query = query + self.user_ids(batch.sparse[self.user_id])
         return F.normalize(query, dim=-1)
 
+    def encode_text(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Free texts as queries (serving's text search): token ids without special tokens [B, T] (the item
+        tokenizer's, right-padded) with lengths [B] -> unit-norm query encodings (B, D). A text is read as the
+        history of one item with that text ("[CLS] text [SEP]" through the query head): what either
+        `user_text` makes of such a history, without a user id (the searcher may be anyone)."""
+        table = ItemTokens(tokens, lengths, *self.special_ids)
+        states = self._pool(item_inputs(table, torch.arange(len(tokens), device=tokens.device)))  # (B, H)
+        return F.normalize(self.query_head(states), dim=-1)
+
     def encode_item(self, batch: Batch) -> Tensor:
         """Item ids of N items -> unit-norm item encodings (N, D)."""
         return F.normalize(self._item_vectors(batch.sparse[self.item_id]), dim=-1)

@@ -1,10 +1,12 @@
 """The HTTP service (FastAPI): recommendations, events, health, metadata and hot model swaps.
 
 Endpoints:
-- `POST /recommend` {user_id | items | both, k, context, filters, explain} -> items with scores, the retrieval
+- `POST /recommend` {user_id | items | both | text, k, context, filters, explain} -> items with scores, the retrieval
   scores, and for a ranker with attention the history items behind each score (`because`). Unknown users,
   new items and empty histories are normal paths (see `recsys_lab.serving.requests`); the answer's `source`
-  says whether the request was encoded ("personal") or served by popularity in context ("popularity").
+  says whether the request was encoded ("personal"), a free-text search ("text": retrieval models with
+  `encode_text`, the text towers; the ranker still orders the found items for the user) or served by popularity
+  in context ("popularity").
 - `POST /events` [{user_id, item_id, timestamp, event}] appends interactions to a JSON-lines log (what the
   online trainer reads) and to the users' live histories, so the next recommendation sees them.
 - `GET /health`, `GET /metadata` (runs, data fingerprints, index size, versions, events logged).
@@ -57,7 +59,7 @@ class FiltersBody(_Strict):
 class RecommendBody(_Strict):
     user_id: RawId | None = None
     items: list[RawId] = Field(default_factory=list, max_length=MAX_ITEMS)
-    text: StrictStr | None = None
+    text: StrictStr | None = Field(None, min_length=1, max_length=2000)
     k: StrictInt = Field(10, ge=1, le=MAX_K)
     context: dict[str, Value] = Field(default_factory=dict)
     filters: FiltersBody = Field(default_factory=FiltersBody)
@@ -138,14 +140,10 @@ def create_app(
     @app.post("/recommend")
     def recommend(body: RecommendBody) -> dict[str, Any]:
         pipe = state.pipeline  # this request's version, whatever a reload does meanwhile
-        if body.text is not None:
-            raise HTTPException(
-                422,
-                "text: free-text queries need a retrieval model that encodes text; this service's does not",
-            )
         request = PipelineRequest(
             user_id=body.user_id,
             items=list(body.items),
+            text=body.text,
             k=body.k,
             context=dict(body.context),
             filters=Filters(

@@ -26,9 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from recsys_lab.data.text import load_tokenizer, tokenize_texts
 from recsys_lab.serving.index import ItemIndex
-from recsys_lab.serving.requests import EncodedRequests, OnlineHistories, Request, RequestEncoder
+from recsys_lab.serving.requests import (
+    EncodedRequests,
+    OnlineHistories,
+    Request,
+    RequestEncoder,
+    RequestError,
+)
 from recsys_lab.serving.runs import LoadedRun, load_run
 from recsys_lab.tasks.ranking import has_encoders
 from recsys_lab.utils.checks import ConfigError
@@ -51,7 +59,7 @@ class Recommendation:
     scores: list[float]
     retrieval_scores: list[float | None]
     because: list[list[dict[str, Any]]] | None
-    source: str  # "personal" (query encoded), "popularity" (nothing to encode / no retrieval run)
+    source: str  # "personal" (query encoded), "text" (a free-text search), "popularity" (nothing to encode)
     unknown_items: list[Any]
     timings_ms: dict[str, float]
 
@@ -110,6 +118,9 @@ class Pipeline:
         self.popularity[0] = -np.inf
         self.item_vectors: np.ndarray | None = None
         self.index: ItemIndex | None = None
+        self.tokenizer = None  # free-text search: a retrieval model that encodes text, with its tokenizer
+        if retrieval is not None and callable(getattr(retrieval.net, "encode_text", None)):
+            self.tokenizer = load_tokenizer(retrieval.datamodule.text)
         if retrieval is not None:
             self.item_vectors = _encode_catalogue(retrieval)  # (V, D), row = item code
             index = index or IndexConfig()
@@ -138,23 +149,45 @@ class Pipeline:
         """The n best admissible items per query: scores float32 (B, n), item codes (B, n) (-1 past the
         admissible ones), and per query whether it was encoded ("personal") or fell back to popularity."""
         B = len(encoded.known_user)
-        has_input = (encoded.known_user | (encoded.history.lengths > 0)).numpy()
+        texts = encoded.texts or [None] * B
+        searched = np.array([t is not None for t in texts])
+        if searched.any() and self.tokenizer is None:
+            raise RequestError(
+                "text: free-text search needs a retrieval model with encode_text (a text tower, "
+                "model=two_tower_text); this service's retrieval model has none"
+            )
+        has_input = (encoded.known_user | (encoded.history.lengths > 0)).numpy() & ~searched
         personal = has_input & (self.index is not None)
         scores = np.full((B, n), -np.inf, dtype=np.float32)
         codes = np.full((B, n), -1, dtype=np.int64)
-        if personal.any():
-            rows = np.flatnonzero(personal)
-            query = self.retrieval.net.encode_query(encoded.batch.select(torch.as_tensor(rows))).numpy()
+        for rows, queries in (
+            (
+                np.flatnonzero(personal),
+                lambda rows: self.retrieval.net.encode_query(encoded.batch.select(rows)),
+            ),
+            (np.flatnonzero(searched), lambda rows: self._encode_texts([texts[b] for b in rows.tolist()])),
+        ):
+            if len(rows) == 0:
+                continue
+            query = queries(torch.as_tensor(rows)).numpy()
             exclude = [encoded.exclude[b] for b in rows]
             if allowed is None:
                 scores[rows], codes[rows] = self.index.search(query, n, exclude)
             else:  # filtered: the admissible items scored exactly (the filter may leave few of them)
                 scores[rows], codes[rows] = _exact_top(query, self.item_vectors, n, exclude, allowed)
+        personal = personal | searched
         for b in np.flatnonzero(~personal):
             scores[b], codes[b] = _exact_top(
                 np.ones((1, 1)), self.popularity[:, None], n, [encoded.exclude[b]], allowed
             )
         return scores, codes, personal
+
+    def _encode_texts(self, texts: list[str]) -> Tensor:
+        """Free-text searches as query encodings (B, D), tokenized like the item texts."""
+        tokens, lengths = tokenize_texts(
+            self.tokenizer, texts, self.retrieval.datamodule.text.max_item_tokens
+        )
+        return self.retrieval.net.encode_text(tokens, lengths)
 
     @torch.no_grad()
     def rank(self, encoded: EncodedRequests, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -224,7 +257,7 @@ class Pipeline:
             scores=[float(s) for s in scores[0, pos]],
             retrieval_scores=[None if np.isnan(s) else float(s) for s in r_scores[0, pos]],
             because=because,
-            source="personal" if personal[0] else "popularity",
+            source="text" if request.text is not None else "personal" if personal[0] else "popularity",
             unknown_items=first.unknown_items[0],
             timings_ms=timings,
         )

@@ -56,11 +56,13 @@ class Filters:
 
 @dataclass
 class Request:
-    """One recommendation request: `user_id` and / or recent `items` (raw ids), how many items, the
-    interaction's context ({context column: raw value}) and the filters."""
+    """One recommendation request: `user_id` and / or recent `items` (raw ids), or a free-text search `text`
+    (retrieval models with `encode_text`), how many items, the interaction's context ({context column: raw
+    value}) and the filters."""
 
     user_id: Any = None
     items: list[Any] = field(default_factory=list)
+    text: str | None = None
     k: int = 10
     context: dict[str, Any] = field(default_factory=dict)
     filters: Filters = field(default_factory=Filters)
@@ -76,6 +78,7 @@ class EncodedRequests:
     known_user: Tensor  # bool (B,)
     unknown_items: list[list[Any]]
     exclude: list[np.ndarray]  # item codes to leave out per request (seen items and excluded ids)
+    texts: list[str | None] = field(default_factory=list)  # free-text searches (None: none), per request
 
 
 class OnlineHistories:
@@ -259,7 +262,7 @@ class RequestEncoder:
             )
             for column in store.history_features:
                 batch.seq[history_feature(column)] = Seq(store.items.sparse[column][ids], lengths)
-        return EncodedRequests(batch, history, known, unknown_items, exclude)
+        return EncodedRequests(batch, history, known, unknown_items, exclude, [r.text for r in requests])
 
     def encode_stored(self, users: Tensor, level: int, exclude: list[np.ndarray]) -> EncodedRequests:
         """Queries of user entities as of a timeline level (the offline evaluation of the pipeline: level 1 is
