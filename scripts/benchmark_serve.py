@@ -44,7 +44,8 @@ def start_server(cfg: DictConfig, out: Path) -> subprocess.Popen:
         f"hydra.run.dir={out / 'server'}",
     ]
     args += [f"+index.options.{k}={v}" for k, v in (cfg.index.options or {}).items()]
-    args += [f"{role}={cfg[role]}" for role in ("retrieval_run", "ranking_run") if cfg[role]]
+    args += [f"{key}={cfg[key]}" for key in ("retrieval_run", "ranking_run", "ranking_export") if cfg[key]]
+    args += [f"ranking_int8={cfg.ranking_int8}"]
     log = (out / "server.log").open("w")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -160,6 +161,7 @@ def run(cfg: DictConfig) -> dict:
         "catalogue_items": meta["catalogue_items"],
         "candidates": meta["candidates"],
         "ranking": (meta.get("ranking") or {}).get("model"),
+        "ranker_backend": meta.get("ranker_backend"),
         "retrieval": (meta.get("retrieval") or {}).get("model"),
         "server_threads": cfg.server_threads,
         "rows": rows,
@@ -172,7 +174,8 @@ def run(cfg: DictConfig) -> dict:
 def markdown(results: dict) -> str:
     head = (
         f"`{results['command']}` — {results['catalogue_items']:,} items, index {results['index']['kind']}, "
-        f"{results['candidates']} candidates ranked by {str(results['ranking']).rsplit('.', 1)[-1]}, "
+        f"{results['candidates']} candidates ranked by {str(results['ranking']).rsplit('.', 1)[-1]} "
+        f"({results['ranker_backend']}), "
         f"server on {results['server_threads']} torch thread(s), ready in {results['server_ready_s']:.0f} s"
     )
     cols = ["throughput_rps", "p50_ms", "p95_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "errors"]

@@ -33,6 +33,8 @@ def build_pipeline(cfg: DictConfig):
             exclude_seen=cfg.exclude_seen,
             explain=cfg.explain,
             online=online,
+            ranking_export=cfg.ranking_export,
+            ranking_int8=cfg.ranking_int8,
         )
 
     return build

@@ -338,3 +338,24 @@ def test_free_text_search_is_the_query_of_a_one_item_history(text_run):
 def test_text_search_without_a_text_model_is_a_request_error(runs):
     with pytest.raises(RequestError, match="free-text search needs a retrieval model with encode_text"):
         Pipeline(runs["retrieval"], None).recommend(Request(text="red shoes", k=3))
+
+
+def test_exported_ranker_serves_the_same_scores(runs, served_runs, tmp_path):
+    """ranking_export: the ONNX ranker in ONNX Runtime scores the candidates as the eager model does (within
+    the export's parity bound); an export of another run is refused."""
+    pytest.importorskip("onnxruntime")
+    from recsys_lab.serving.export import export_run
+
+    export_run(runs["ranking"], tmp_path / "ranker", "onnx", None, False, "flat", 64)
+    eager = Pipeline(runs["retrieval"], runs["ranking"], candidates=30)
+    graph = Pipeline(
+        runs["retrieval"], runs["ranking"], candidates=30, ranking_export=str(tmp_path / "ranker")
+    )
+    raw, _ = _users_with_history(runs["ranking"], 3)
+    for u in raw:
+        a, b = eager.recommend(Request(user_id=u, k=10)), graph.recommend(Request(user_id=u, k=10))
+        np.testing.assert_allclose(b.scores, a.scores, atol=1e-4)
+        assert b.because is None and graph.describe()["ranker_backend"].startswith("onnxruntime")
+    export_run(runs["retrieval"], tmp_path / "tower", "onnx", None, False, "flat", 64)
+    with pytest.raises(ConfigError, match="not the ranker of ranking_run"):
+        Pipeline(runs["retrieval"], runs["ranking"], ranking_export=str(tmp_path / "tower"))
