@@ -44,6 +44,8 @@ from recsys_lab.utils.run import (
     write_results,
 )
 from recsys_lab.utils.wandb_logging import finish_loggers
+from recsys_lab.utils.warm_start import checkpoint_file
+from recsys_lab.utils.warm_start import init_from as warm_start_from
 
 register_resolvers()
 # conf/ sits beside the package in the repository (an editable install keeps it there)
@@ -84,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = cfg.get("ckpt_path")
     if resume:
         load_checkpoint(resume)  # a missing, truncated or foreign file stops here, before data preparation
+    elif cfg.get("init_from"):
+        checkpoint_file(cfg.init_from)  # so does a warm start's missing run directory
     # Loggers first: W&B settles its mode (and any unreachable server) before minutes of data preparation.
     loggers = instantiate_loggers(cfg.get("logger"))
     try:
@@ -95,6 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, task = build(cfg)
+    # warm start (incremental training): the earlier model's weights, grown tables keeping their old rows; a
+    # resumed run skips it, its checkpoint holds the weights
+    warm_start = warm_start_from(task, cfg.init_from) if cfg.get("init_from") and not resume else None
     if cfg.monitor is None:  # null = the objective's headline metric under this data's evaluation
         OmegaConf.update(cfg, "monitor", task.default_monitor())
     check_metric_names(cfg, task)  # a typo in `monitor` fails now, not after an epoch of training
@@ -112,6 +119,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     training = training_summary(trainer, datamodule)
     # what trains: a frozen or adapted encoder (model/finetune) shows here
     training["trainable_parameters"], training["total_parameters"] = parameter_counts(task)
+    if warm_start is not None:
+        training["warm_start"] = warm_start
     run_info["training"] = training
     for logger in loggers:
         logger.log_hyperparams(run_info)

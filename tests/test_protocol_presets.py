@@ -87,6 +87,14 @@ EXPECTED: dict[str, dict] = {
         "eval_candidates": "full",
         "train_negatives": None,
     },
+    "window": {  # time windows (incremental training): window 0 trains, window 1 tests
+        "split": "window",
+        "windows": 4,
+        "window": 0,
+        "train": "window",
+        "val_fraction": 0.1,
+        "evaluation": "ranking",
+    },
     "tallrec_movie": {
         "split": "last_samples",
         "samples": 10000,

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from recsys_lab.data.audit import audit
 from recsys_lab.data.batch import Batch
-from recsys_lab.data.prepare import PREPARE_VERSION, STAGES, Prepared, PreparedCache, prepare
+from recsys_lab.data.prepare import PREPARE_VERSION, STAGES, Inherited, Prepared, PreparedCache, prepare
 from recsys_lab.data.processing import Preprocess
 from recsys_lab.data.queries import QuerySet
 from recsys_lab.data.sampling import TrainingNegatives, candidates_from_spec, negatives_from_spec
@@ -49,12 +49,46 @@ def _check_int(key: str, value: Any, minimum: int, allow_none: bool = False) -> 
         raise ValueError(f"data.{key}={value}: expected {what}{' or null' if allow_none else ''}")
 
 
+def prepared_folder(path: str | Path) -> Path:
+    """The prepared-data folder `data.vocab_from` names: the folder itself when it holds a prepared dataset
+    (meta.json), else the folder of the run directory or checkpoint's data (rebuilt from the config the
+    checkpoint carries, as `scripts/evaluate.py` does; nothing is prepared here)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    # lazy: the serving module imports this one, and checkpoints are only read when a run is named
+    import hydra
+    from omegaconf import OmegaConf
+
+    from recsys_lab.serving.runs import find_checkpoint
+    from recsys_lab.utils.checks import ConfigError, load_checkpoint
+
+    if not path.exists():
+        raise ConfigError(
+            f"data.vocab_from={path}: no such run directory, checkpoint or prepared-data folder"
+        )
+    info = load_checkpoint(str(find_checkpoint(path))).get("recsys_lab_run")
+    if info is None:
+        raise ConfigError(
+            f"data.vocab_from={path}: its checkpoint was not written by train.py (no run config)"
+        )
+    earlier = hydra.utils.instantiate(OmegaConf.create(info["config"]["data"]), _convert_="partial")
+    folder = earlier.cache_path
+    if not (folder / "meta.json").is_file():
+        raise ConfigError(
+            f"data.vocab_from={path}: the run's prepared data ({folder}) are no longer there; point "
+            "data.vocab_from at a folder that holds them, or re-run the earlier run's preparation"
+        )
+    return folder
+
+
 class RecDataModule(pl.LightningDataModule):
     """Prepares a source for training and evaluation under an explicit, logged protocol.
 
     Args:
         source: an object with `name`, `fingerprint()`, `describe()` and `load() -> RawData`.
-        split: the splitting protocol (`TemporalSplit`, `LeaveOneOutSplit`, `RandomRatioSplit`, `PreSplit`).
+        split: the splitting protocol (`TemporalSplit`, `LeaveOneOutSplit`, `RandomRatioSplit`, `PreSplit`,
+            `LastSamplesSplit`, `WindowSplit`).
         cache_dir: where prepared data are cached (keyed by a fingerprint of source, protocol and code).
         preprocess: implicit conversion, duplicates, k-core, minimum history (`Preprocess`).
         eval_candidates: "full" / None (whole catalogue, seen items masked), "uniform_N" / "popularity_N" (N
@@ -85,8 +119,16 @@ class RecDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (gathering is vectorised, so 0 is usually fastest; a resumed run
             reproduces the uninterrupted one exactly only with 0).
         seed: seed of the subsamples, the evaluation candidates and the training negatives.
-        path / version / columns: shorthands that the source config interpolates (`data.path=...`,
-            `data.version=...`, `data.columns.user=...`); recorded in the protocol.
+        vocab_from: an earlier run directory (or checkpoint, or prepared-data folder): its vocabularies and
+            normalisers are kept instead of fitted, every id it knew keeps its code and this training split's
+            new ids get codes after them (incremental training; pair it with `init_from`). The earlier data's
+            fingerprint is part of this cache's key and is printed with the protocol.
+        vocab_extend: with `vocab_from`, append this training split's new ids (True) or keep the earlier
+            vocabularies exactly, new ids reading code 0 "unknown" (False: the earlier model evaluated as it
+            was, never updated).
+        path / version / columns / window: shorthands that the source or split config interpolates
+            (`data.path=...`, `data.version=...`, `data.columns.user=...`, `data.window=...` with
+            `protocol=window`); recorded in the protocol.
     """
 
     def __init__(
@@ -112,9 +154,12 @@ class RecDataModule(pl.LightningDataModule):
         max_eval_rows: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        vocab_from: str | None = None,
+        vocab_extend: bool = True,
         path: str | None = None,
         version: str | None = None,
         columns: dict | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         for key, value in {"batch_size": batch_size, "eval_batch_size": eval_batch_size}.items():
@@ -131,7 +176,9 @@ class RecDataModule(pl.LightningDataModule):
         self.eval_candidates = candidates_from_spec(eval_candidates, seed)
         self.train_negatives = negatives_from_spec(train_negatives)
         self.ctr_eval = ctr_eval
-        self.path, self.version, self.columns = path, version, columns
+        self.path, self.version, self.columns, self.window = path, version, columns, window
+        self.vocab_from, self.vocab_extend = vocab_from, bool(vocab_extend)
+        self._inherited: Inherited | None = None
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.history_len = history_len
@@ -163,11 +210,24 @@ class RecDataModule(pl.LightningDataModule):
                 "time_context": self.time_context,
                 "cold_items": self.cold_items,
                 "prepare_version": PREPARE_VERSION,
+                # only when set, so that every other config keeps its cache
+                **({"vocab_from": self._vocab_from_description()} if self.vocab_from else {}),
             },
             sort_keys=True,
             default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def inherited(self) -> Inherited | None:
+        """The encodings `vocab_from` names, read once (None without it)."""
+        if self.vocab_from and self._inherited is None:
+            self._inherited = Inherited.read(prepared_folder(self.vocab_from), grow=self.vocab_extend)
+        return self._inherited
+
+    def _vocab_from_description(self) -> dict:
+        """What identifies the inherited encodings: the earlier data's fingerprint (not its path, which differs
+        between machines) and whether they grow."""
+        return {"fingerprint": self.inherited().fingerprint, "extend": self.vocab_extend}
 
     @property
     def cache_path(self) -> Path:
@@ -193,6 +253,7 @@ class RecDataModule(pl.LightningDataModule):
             numeric_buckets=self.numeric_buckets,
             time_context=self.time_context,
             cold_items=self.cold_items,
+            inherited=self.inherited(),
         )
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------
@@ -319,6 +380,7 @@ class RecDataModule(pl.LightningDataModule):
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,
             **({"text": asdict(self.text)} if self.text is not None else {}),
+            **({"vocab_from": self._vocab_from_description()} if self.vocab_from else {}),
             "leakage_audit": self.audit_report,
             **self.counts,
         }

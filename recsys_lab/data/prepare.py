@@ -10,6 +10,13 @@ Entities and codes: every user/item known to the source has an *entity* index (i
 its `user_id` / `item_id` feature is a *code* from a vocabulary fitted on the training rows (0 = unknown).
 A cold-start item keeps its own entity row, so its content features describe it, while its id is unknown.
 Ranking candidates are item codes 1..V (the training vocabulary).
+
+Growing vocabularies (`data.vocab_from`, incremental training): the vocabularies and normalisers of an earlier
+prepared dataset are inherited instead of fitted. Every id and category it knew keeps its code; the ones new
+in this training split get codes after them (`recsys_lab.data.vocab.extend_vocab`), so a model trained on the
+earlier data reads the same embedding row for the same id and its tables only grow (`init_from` copies the
+old rows in place: `recsys_lab.utils.warm_start`). Numeric normalisers and bucket boundaries are applied as
+they were fitted, so the inputs keep the scale the earlier model learned.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import polars as pl
 import torch
 
 from recsys_lab.data.sources.raw import RawData, SourceError
-from recsys_lab.data.splits import HISTORY, TEST, TRAIN, VAL
+from recsys_lab.data.splits import HISTORY, TEST, TRAIN, UNUSED, VAL
 from recsys_lab.data.store import Ragged
-from recsys_lab.data.vocab import bucketise, encode, encode_lists, fit_vocab, standardise
+from recsys_lab.data.vocab import bucketise, encode, encode_lists, extend_vocab, fit_vocab, standardise
 
 PREPARE_VERSION = 4  # 2: data.cold_items (first_cold_item in meta); 3: item media, vector presence columns;
 # 4: categorical vocabularies in meta (serving reads raw values)
@@ -89,6 +96,10 @@ class PreparedMeta:
         vocabularies: per categorical / multi-categorical column (user, item and context; not the ids, whose
             raw values stay in the entity tables), its training values as strings in code order: value i has
             code i + 1 (code 0 is "unknown"). What a served request's raw values are encoded with.
+        first_new_code: with `data.vocab_from`, per categorical column (ids included) the first code that is not
+            inherited: codes 1..first_new_code-1 are the earlier vocabulary's, kept in place (their id may have
+            no interaction in this training split), later codes are this training split's new values. Empty
+            without `data.vocab_from`.
     """
 
     features: dict[str, FeatureMeta]
@@ -106,6 +117,7 @@ class PreparedMeta:
     eval_candidates: str
     first_cold_item: int | None = None
     vocabularies: dict[str, list[str]] = field(default_factory=dict)
+    first_new_code: dict[str, int] = field(default_factory=dict)
 
     def without_context(self) -> PreparedMeta:
         """The same dataset described without its interaction context features (the `data.context=false`
@@ -256,6 +268,95 @@ class PreparedCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@dataclass
+class Inherited:
+    """The fitted encodings of an earlier prepared dataset, kept by this one (`data.vocab_from`).
+
+    Args:
+        folder: the earlier prepared-data folder (for error messages).
+        fingerprint: its cache fingerprint (part of this dataset's fingerprint).
+        vocabularies: per categorical column, its values in code order (value i has code i + 1): the
+            `user_id` / `item_id` values (read from the entity tables, where the id codes live) and every
+            categorical / multi-categorical column of `PreparedMeta.vocabularies` (strings).
+        normalisers: per numeric / dense column, its standardisation statistics or bucket boundaries.
+        grow: append this training split's new values (True: incremental training), or keep the vocabularies
+            exactly as they were, new values reading code 0 (False: evaluating the earlier model as it was).
+    """
+
+    folder: Path
+    fingerprint: str
+    vocabularies: dict[str, pl.Series]
+    normalisers: dict[str, Any]
+    grow: bool = True
+
+    @classmethod
+    def read(cls, folder: Path, grow: bool = True) -> Inherited:
+        """Read an earlier prepared folder (any format that holds entity tables and meta.json)."""
+        meta_path = folder / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataCacheError(f"data.vocab_from: cannot read {meta_path} ({err})") from err
+        if meta.get("first_cold_item") is not None:
+            raise SourceError(
+                f"data.vocab_from: {folder} was prepared with data.cold_items=true; the codes it gave to items "
+                "without training interactions cannot be carried over (prepare the earlier run without it)"
+            )
+        vocabularies = {}
+        for side in ("user", "item"):
+            key = f"{side}_id"
+            table = pl.read_parquet(folder / f"{side}s.parquet", columns=[key, f"{key}_code"])
+            known = table.filter(pl.col(f"{key}_code") > 0).sort(f"{key}_code")
+            if not np.array_equal(known[f"{key}_code"].to_numpy(), np.arange(1, known.height + 1)):
+                raise DataCacheError(
+                    f"data.vocab_from: the {key} codes of {folder} are not 1..{known.height}"
+                )
+            vocabularies[key] = known[key]
+        for col, values in meta.get("vocabularies", {}).items():
+            vocabularies[col] = pl.Series(col, values, dtype=pl.String)
+        return cls(folder, str(meta.get("fingerprint")), vocabularies, meta.get("normalisers", {}), grow)
+
+    def vocab(self, col: str, train_values: pl.Series) -> pl.DataFrame:
+        """The earlier vocabulary of `col`, extended with `train_values` it lacks when growing."""
+        if col not in self.vocabularies:
+            raise SourceError(
+                f"data.vocab_from: {self.folder} has no vocabulary for the categorical column '{col}' (it has "
+                f"{sorted(self.vocabularies)}); both datasets must prepare the same features"
+            )
+        return extend_vocab(self.vocabularies[col], train_values, grow=self.grow)
+
+    def normaliser(self, col: str, field_name: str) -> dict:
+        """The earlier statistics of a numeric column; `field_name` ("mean" or "boundaries") says which
+        encoding this dataset asks for, which must be the one the earlier dataset used."""
+        stats = self.normalisers.get(col)
+        if stats is None or field_name not in stats:
+            encoding = "bucketised (data.numeric_buckets)" if field_name == "boundaries" else "standardised"
+            raise SourceError(
+                f"data.vocab_from: column '{col}' is {encoding} here but {_numeric_encoding(stats)} in "
+                f"{self.folder}; both datasets must encode it the same way"
+            )
+        return stats
+
+
+def _numeric_encoding(stats: dict | None) -> str:
+    """How an earlier dataset encoded a numeric column, in words (for errors)."""
+    if stats is None:
+        return "not a numeric column"
+    return "bucketised" if "boundaries" in stats else "standardised"
+
+
+def _vocab(col: str, train_values: pl.Series, meta: dict, inherited: Inherited | None) -> pl.DataFrame:
+    """The vocabulary of one categorical column: fitted on its training values, or inherited (and grown);
+    records its size (codes 0..V-1) and, when inherited, its first new code."""
+    if inherited is None:
+        vocab = fit_vocab(train_values)
+    else:
+        vocab = inherited.vocab(col, train_values)
+        meta["first_new_code"][col] = len(inherited.vocabularies[col]) + 1
+    meta["vocab_sizes"][col] = vocab.height + 1
+    return vocab
+
+
 # ---- preparation -------------------------------------------------------------------------------------------
 def prepare(
     raw: RawData,
@@ -267,8 +368,13 @@ def prepare(
     numeric_buckets: dict[str, int] | None = None,
     time_context: list[str] | tuple[str, ...] = (),
     cold_items: bool = False,
+    inherited: Inherited | None = None,
 ) -> Prepared:
     """Filter, split, fit on train and encode `raw` (see the module docstring).
+
+    `inherited` (`data.vocab_from`): the vocabularies and normalisers of an earlier prepared dataset, kept and
+    (for vocabularies) grown instead of fitted. Rows the split marks UNUSED (after its test period) are
+    dropped first; HISTORY rows only feed histories.
 
     `cold_items` gives every catalogue item without a training interaction a code after the training
     vocabulary, so that content models can rank it (its id embedding never trains); otherwise such items keep
@@ -282,7 +388,15 @@ def prepare(
     inter, kinds = _with_time_context(inter, kinds, time_context)
     numeric_buckets = dict(numeric_buckets or {})
     _check_numeric_columns(kinds, numeric_buckets, log_dense)
+    if cold_items and inherited is not None:
+        raise SourceError(
+            "data.cold_items=true with data.vocab_from: the codes of untrained items would collide with the "
+            "ids a grown vocabulary appends; use one or the other"
+        )
     codes = split.assign(inter)
+    if (codes == UNUSED).any():  # after the test period (WindowSplit): not part of this dataset at all
+        counts["unused_rows_after_test"] = int((codes == UNUSED).sum())
+        inter, codes = inter.filter(pl.Series(codes != UNUSED)), codes[codes != UNUSED]
     inter = inter.with_columns(pl.Series("split", codes, dtype=pl.Int8))
     for stage, code in STAGES.items():
         counts[f"{stage}_rows"] = int((codes == code).sum())
@@ -291,12 +405,14 @@ def prepare(
                 f"data.split ({split.describe()}): the {stage} split is empty after filtering "
                 f"({counts['rows_out']} rows kept)"
             )
-    if (codes == HISTORY).any():  # rows that only feed histories (LastSamplesSplit)
+    if (codes == HISTORY).any():  # rows that only feed histories (LastSamplesSplit, WindowSplit)
         counts["history_only_rows"] = int((codes == HISTORY).sum())
 
-    # entity tables: every user / item known to the source (tables or interactions)
-    users = _entities(raw.users, inter, "user_id")
-    items = _entities(raw.items, inter, "item_id")
+    # entity tables: every user / item known to the source (tables or interactions) or to an inherited
+    # vocabulary (an id with a code needs an entity row, even if it is absent from these interactions)
+    earlier = inherited.vocabularies if inherited is not None else {}
+    users = _entities(raw.users, inter, "user_id", earlier.get("user_id"))
+    items = _entities(raw.items, inter, "item_id", earlier.get("item_id"))
     inter = inter.join(
         users.select("user_id", pl.int_range(pl.len()).alias("user")), on="user_id", how="left"
     )
@@ -313,34 +429,34 @@ def prepare(
         "normalisers": {},
         "counts": counts,
         "vocabularies": {},
+        "first_new_code": {},
     }  # -> PreparedMeta
-    # ids: vocabularies of the training rows
-    user_vocab = fit_vocab(train["user_id"])
-    item_vocab = fit_vocab(train["item_id"])
+    # ids: vocabularies of the training rows (or inherited, and grown with them)
+    user_vocab = _vocab("user_id", train["user_id"], meta, inherited)
+    item_vocab = _vocab("item_id", train["item_id"], meta, inherited)
     users = users.with_columns(pl.Series("user_id_code", encode(users["user_id"], user_vocab)))
     items = items.with_columns(pl.Series("item_id_code", encode(items["item_id"], item_vocab)))
-    meta["vocab_sizes"]["user_id"] = user_vocab.height + 1
-    meta["vocab_sizes"]["item_id"] = item_vocab.height + 1
     if cold_items:
         items, meta["first_cold_item"] = _with_cold_codes(items, item_vocab.height + 1)
         meta["vocab_sizes"]["item_id"] = int(items["item_id_code"].max()) + 1
         counts["cold_item_codes"] = meta["vocab_sizes"]["item_id"] - meta["first_cold_item"]
 
     numeric = NumericEncoding(list(log_dense), numeric_buckets)
-    users, ufeat = _encode_table(users, "user", kinds, train_users, numeric, meta)
-    items, ifeat = _encode_table(items, "item", kinds, train_items, numeric, meta)
+    users, ufeat = _encode_table(users, "user", kinds, train_users, numeric, meta, inherited)
+    items, ifeat = _encode_table(items, "item", kinds, train_items, numeric, meta, inherited)
     # context: categorical and numeric columns of the interactions themselves, fitted on the training rows
     context = [c for c, k in kinds.items() if c in inter.columns and k in ("categorical", "numeric")]
     train_rows = (inter["split"] == TRAIN).to_numpy()
     for col in context:
         if kinds[col] == "categorical":
-            vocab = fit_vocab(train[col].cast(pl.String))
+            vocab = _vocab(col, train[col].cast(pl.String), meta, inherited)
             inter = inter.with_columns(pl.Series(col, encode(inter[col].cast(pl.String), vocab)))
-            meta["vocab_sizes"][col] = vocab.height + 1
             meta["vocabularies"][col] = vocab["value"].to_list()
             meta["features"][col] = FeatureMeta("categorical", "context")
             continue
-        values, kind = _encode_numeric(col, _floats(inter[col], "numeric"), train_rows, numeric, meta)
+        values, kind = _encode_numeric(
+            col, _floats(inter[col], "numeric"), train_rows, numeric, meta, inherited
+        )
         inter = inter.with_columns(pl.Series(col, values))
         meta["features"][col] = FeatureMeta(kind, "context")
     meta["features"].update(ufeat)
@@ -388,9 +504,15 @@ def prepare(
     return Prepared(rows=rows, users=users, items=items, queries=queries, meta=PreparedMeta(**meta))
 
 
-def _entities(table: pl.DataFrame | None, inter: pl.DataFrame, key: str) -> pl.DataFrame:
-    """The entity table: the source's table plus ids that only occur in interactions (no features)."""
+def _entities(
+    table: pl.DataFrame | None, inter: pl.DataFrame, key: str, known: pl.Series | None = None
+) -> pl.DataFrame:
+    """The entity table: the source's table plus ids that only occur in interactions or in `known` (the ids of
+    an inherited vocabulary), without features."""
     ids = inter.select(pl.col(key)).unique()
+    if known is not None:
+        extra = pl.DataFrame({key: known.cast(ids[key].dtype, strict=False)}).drop_nulls()
+        ids = pl.concat([ids, extra]).unique()
     if table is None:
         return ids.sort(key)
     if table[key].n_unique() != table.height:
@@ -407,8 +529,10 @@ def _encode_table(
     train_entities: np.ndarray,
     numeric: NumericEncoding,
     meta: dict,
+    inherited: Inherited | None = None,
 ) -> tuple[pl.DataFrame, dict]:
-    """Encode one entity table's feature columns with statistics of the entities seen in training."""
+    """Encode one entity table's feature columns with statistics of the entities seen in training (or the
+    inherited ones)."""
     key = f"{side}_id"
     out = {key: table[key], f"{key}_code": table[f"{key}_code"]}
     features = {}
@@ -418,33 +542,35 @@ def _encode_table(
         if col in (key, f"{key}_code") or kind is None:
             continue
         if kind == "categorical":
-            vocab = fit_vocab(train_table[col].cast(pl.String))
+            vocab = _vocab(col, train_table[col].cast(pl.String), meta, inherited)
             out[col] = pl.Series(col, encode(table[col].cast(pl.String), vocab))
-            meta["vocab_sizes"][col] = vocab.height + 1
             meta["vocabularies"][col] = vocab["value"].to_list()
         elif kind == "multi_categorical":
             tokens = train_table[col].cast(pl.List(pl.String)).explode()
-            vocab = fit_vocab(tokens)
+            vocab = _vocab(col, tokens, meta, inherited)
             lists = table[col].cast(pl.List(pl.String))
             longest = int(lists.list.len().max() or 1)
             ids, lengths = encode_lists(lists, vocab, min(longest, MAX_LIST_LEN))
             valid = np.arange(ids.shape[1]) < lengths[:, None]  # (N, G): kept codes are left-aligned
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             out[col] = Ragged(torch.as_tensor(ids[valid]), torch.as_tensor(offsets)).to_lists(col)
-            meta["vocab_sizes"][col] = vocab.height + 1
             meta["vocabularies"][col] = vocab["value"].to_list()
             features[col] = FeatureMeta(kind, side, max_len=int(ids.shape[1]))
             continue
         elif kind == "numeric":
             values, encoded_kind = _encode_numeric(
-                col, _floats(table[col], kind), train_entities, numeric, meta
+                col, _floats(table[col], kind), train_entities, numeric, meta, inherited
             )
             out[col] = pl.Series(col, values)
             features[col] = FeatureMeta(encoded_kind, side)
             continue
         elif kind == "dense_vector":
             values, stats = standardise(
-                _floats(table[col], kind), train_entities, log=col in numeric.log_dense, name=col
+                _floats(table[col], kind),
+                train_entities,
+                log=col in numeric.log_dense,
+                name=col,
+                fitted=inherited.normaliser(col, "mean") if inherited is not None else None,
             )
             meta["normalisers"][col] = stats
             out[col] = pl.Series(col, values.tolist())
@@ -475,17 +601,25 @@ class NumericEncoding(NamedTuple):
 
 
 def _encode_numeric(
-    col: str, values: np.ndarray, train: np.ndarray, numeric: NumericEncoding, meta: dict
+    col: str,
+    values: np.ndarray,
+    train: np.ndarray,
+    numeric: NumericEncoding,
+    meta: dict,
+    inherited: Inherited | None = None,
 ) -> tuple[np.ndarray, str]:
-    """One numeric column [N], fitted on `train` (a boolean mask or indices): bucket codes (kind
-    "categorical") when `data.numeric_buckets` names it, else standardised floats (kind "numeric"). log1p
-    (`data.log_dense`) applies before standardising; equal-frequency buckets do not change under it."""
+    """One numeric column [N], fitted on `train` (a boolean mask or indices) or with inherited statistics:
+    bucket codes (kind "categorical") when `data.numeric_buckets` names it, else standardised floats (kind
+    "numeric"). log1p (`data.log_dense`) applies before standardising; equal-frequency buckets do not change
+    under it."""
     if col in numeric.buckets:
-        codes, stats = bucketise(values, train, numeric.buckets[col], name=col)
+        fitted = inherited.normaliser(col, "boundaries") if inherited is not None else None
+        codes, stats = bucketise(values, train, numeric.buckets[col], name=col, fitted=fitted)
         meta["normalisers"][col] = stats
         meta["vocab_sizes"][col] = stats["buckets"] + 1
         return codes, "categorical"
-    values, stats = standardise(values, train, log=col in numeric.log_dense, name=col)
+    fitted = inherited.normaliser(col, "mean") if inherited is not None else None
+    values, stats = standardise(values, train, log=col in numeric.log_dense, name=col, fitted=fitted)
     meta["normalisers"][col] = stats
     return values, "numeric"
 

@@ -1,9 +1,10 @@
 """Splitting protocols. Each is a config object (`_target_`) and describes itself for the results table.
 
-Every protocol has `name`, `describe()` and `assign(inter) -> np.ndarray`: one int8 code (TRAIN / VAL / TEST)
-per row of `inter`, in the same order. `inter` is the preprocessed table (`recsys_lab.data.processing`) with
-columns `user_id`, `item_id`, `timestamp`, `positive` and, for pre-split data, `split`. After `assign`, every
-protocol exposes `cutoffs_`: the global (start of validation, start of test) timestamps for `TemporalSplit`,
+Every protocol has `name`, `describe()` and `assign(inter) -> np.ndarray`: one int8 code (TRAIN / VAL / TEST,
+or HISTORY for a row that only feeds histories, UNUSED for one after the test period) per row of `inter`, in
+the same order. `inter` is the preprocessed table (`recsys_lab.data.processing`) with columns `user_id`,
+`item_id`, `timestamp`, `positive` and, for pre-split data, `split`. After `assign`, every protocol exposes
+`cutoffs_`: the global (start of validation, start of test) timestamps for `TemporalSplit` and `WindowSplit`,
 None for the per-user protocols, which have no global period boundary. All are vectorised (polars window
 expressions and numpy), with no per-user Python loops. `describe()` feeds the prepared-data fingerprint, so
 an option is only described when it differs from its default: configs that do not use it keep their caches.
@@ -20,6 +21,9 @@ TRAIN, VAL, TEST = 0, 1, 2
 # A row that only feeds histories (`LastSamplesSplit`): it precedes every period (code < TRAIN, so timelines of
 # every level include it) but is never a training, validation or test row.
 HISTORY = -1
+# A row after the test period (`WindowSplit`: windows after w + 1): `prepare` drops it before anything reads it,
+# so it is neither trained on, evaluated, nor part of any history.
+UNUSED = 3
 SPLIT_NAMES = {"train": TRAIN, "val": VAL, "test": TEST}
 _ROW = "__row"
 
@@ -86,6 +90,92 @@ class TemporalSplit:
 
     def describe(self) -> dict:
         return {"split": self.name, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+
+WINDOW_TRAIN = ("window", "all")
+
+
+class WindowSplit:
+    """Time windows: train on window w (or windows 0..w), test on window w + 1. The protocol of a model that is
+    updated as new data arrive (incremental / online training, `scripts/incremental.py`).
+
+    The log's time span, from its first to its last timestamp, is cut into `windows` windows of equal length
+    (integer seconds; window k covers [start_k, start_{k+1}) with start_k = t_min + ceil(k * span / windows),
+    span = t_max - t_min + 1). On the simulator (28 days) with windows=4 each window is one week. Codes:
+
+    - window w + 1: TEST;
+    - window w: TRAIN, except its last `val_fraction` of rows by time (rounded up to a whole timestamp, as
+      `TemporalSplit` cuts its periods), which are VAL. The validation tail is the same for both `train`
+      options, so that their validation metrics (and checkpoint choice) are comparable;
+    - windows before w: TRAIN with `train="all"` (retraining from scratch on everything so far); HISTORY with
+      `train="window"` (the incremental update): never trained on, yet still in every timeline, so the
+      behaviour sequences (DIN, SASRec) and the masked `seen` items of a ranking query read the user's whole
+      past, as a deployed model would, while the loss, the vocabularies and the popularity counts see window w
+      only (with `data.vocab_from`, the previous run's vocabularies are kept and extended);
+    - windows after w + 1: UNUSED (dropped before preparation reads them).
+
+    `cutoffs_` = (start of validation, start of test); `edges_` the window starts and the end of the last
+    window. Preprocessing (duplicates, k-core) runs on the whole log before the split, as for every protocol.
+
+    Args:
+        windows: number of equal-length windows (>= 2).
+        window: w, the training window (0 .. windows - 2; its successor is the test window).
+        train: "window" (window w only, earlier rows are history) or "all" (windows 0..w).
+        val_fraction: share of window w's rows (the latest) that validate.
+    """
+
+    name = "window"
+
+    def __init__(
+        self, windows: int = 4, window: int = 0, train: str = "window", val_fraction: float = 0.1
+    ) -> None:
+        if isinstance(windows, bool) or not isinstance(windows, int) or windows < 2:
+            raise ValueError(f"data.split.windows={windows!r}: expected an integer >= 2")
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= windows - 2:
+            raise ValueError(
+                f"data.window (data.split.window)={window!r}: expected an integer in 0..{windows - 2} (window w "
+                f"trains, window w + 1 tests, and there are {windows} windows)"
+            )
+        if train not in WINDOW_TRAIN:
+            raise ValueError(f"data.split.train='{train}' is unknown; expected one of {WINDOW_TRAIN}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.split.val_fraction={val_fraction}: expected a share in (0, 1)")
+        self.windows, self.window, self.train, self.val_fraction = windows, window, train, val_fraction
+        self.cutoffs_: tuple[int, int] | None = None
+        self.edges_: list[int] | None = None
+
+    def edges(self, timestamps: np.ndarray) -> list[int]:
+        """The start of every window and the end (exclusive) of the last: windows + 1 integer timestamps."""
+        t_min, t_max = int(timestamps.min()), int(timestamps.max())
+        span = t_max - t_min + 1
+        return [t_min + -(-k * span // self.windows) for k in range(self.windows + 1)]  # exact integer ceil
+
+    def assign(self, inter: pl.DataFrame) -> np.ndarray:
+        """int8 code per row (HISTORY / TRAIN / VAL / TEST / UNUSED); sets `cutoffs_` and `edges_`."""
+        _require(inter, ("timestamp",), self.name)
+        ts = inter.get_column("timestamp").to_numpy()
+        edges = self.edges(ts)
+        start, t_test, t_end = edges[self.window], edges[self.window + 1], edges[self.window + 2]
+        in_window = (ts >= start) & (ts < t_test)
+        if not in_window.any():
+            raise SourceError(f"data.split ({self.describe()}): window {self.window} holds no interaction")
+        t_val = int(np.ceil(np.quantile(ts[in_window], 1 - self.val_fraction)))
+        codes = np.full(len(ts), HISTORY if self.train == "window" else TRAIN, dtype=np.int8)
+        codes[in_window] = TRAIN
+        codes[in_window & (ts >= t_val)] = VAL
+        codes[(ts >= t_test) & (ts < t_end)] = TEST
+        codes[ts >= t_end] = UNUSED
+        self.cutoffs_, self.edges_ = (t_val, t_test), edges
+        return codes
+
+    def describe(self) -> dict:
+        return {
+            "split": self.name,
+            "windows": self.windows,
+            "window": self.window,
+            "train": self.train,
+            "val_fraction": self.val_fraction,
+        }
 
 
 HOLD_OUT = ("positives", "rows")
