@@ -47,6 +47,9 @@ def main(cfg: DictConfig) -> None:
     from recsys_lab.serving.app import create_app
 
     torch.set_num_threads(cfg.threads)
+    import faiss  # its OpenMP pool too: one request's search on `threads` cores, not all of them
+
+    faiss.omp_set_num_threads(cfg.threads)
     build = build_pipeline(cfg)
     try:
         pipeline = build(cfg.retrieval_run, cfg.ranking_run)
@@ -55,7 +58,7 @@ def main(cfg: DictConfig) -> None:
         if message is None:
             raise
         raise SystemExit(message) from None
-    app = create_app(pipeline, build, cfg.events_path)
+    app = create_app(pipeline, build, cfg.events_path, max_concurrent=cfg.max_concurrent)
     print(f"serving {pipeline.describe()} on http://{cfg.host}:{cfg.port}", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 

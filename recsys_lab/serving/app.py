@@ -115,10 +115,17 @@ class ServiceState:
 
 
 def create_app(
-    pipeline: Pipeline, build: Callable[..., Pipeline] | None = None, events_path: str | None = None
+    pipeline: Pipeline,
+    build: Callable[..., Pipeline] | None = None,
+    events_path: str | None = None,
+    max_concurrent: int = 2,
 ):
     """The FastAPI app around a pipeline; `build(retrieval_run=, ranking_run=, online=)` makes the pipeline of
-    a reload (None: `/reload` answers 501)."""
+    a reload (None: `/reload` answers 501). At most `max_concurrent` requests run the pipeline at once, the
+    others wait their turn: on a few cores, more at once only thrash (measured in the load benchmark)."""
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent={max_concurrent}: expected a positive integer")
+    slots = threading.BoundedSemaphore(max_concurrent)
     app = FastAPI(title="recsys_lab", version=_versions()["recsys_lab"])
     state = ServiceState(pipeline, build or _no_reload, EventLog(events_path))
     app.state.service = state
@@ -152,7 +159,8 @@ def create_app(
                 exclude_items=list(body.filters.exclude_items),
             ),
         )
-        out = pipe.recommend(request)
+        with slots:
+            out = pipe.recommend(request)
         items = [
             {
                 "item_id": item,
