@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -346,7 +349,7 @@ def test_exported_ranker_serves_the_same_scores(runs, served_runs, tmp_path):
     pytest.importorskip("onnxruntime")
     from recsys_lab.serving.export import export_run
 
-    export_run(runs["ranking"], tmp_path / "ranker", "onnx", None, False, "flat", 64)
+    export_run(runs["ranking"], tmp_path / "ranker", "onnx", None, False, "flat", 16)
     eager = Pipeline(runs["retrieval"], runs["ranking"], candidates=30)
     graph = Pipeline(
         runs["retrieval"], runs["ranking"], candidates=30, ranking_export=str(tmp_path / "ranker")
@@ -356,6 +359,10 @@ def test_exported_ranker_serves_the_same_scores(runs, served_runs, tmp_path):
         a, b = eager.recommend(Request(user_id=u, k=10)), graph.recommend(Request(user_id=u, k=10))
         np.testing.assert_allclose(b.scores, a.scores, atol=1e-4)
         assert b.because is None and graph.describe()["ranker_backend"].startswith("onnxruntime")
-    export_run(runs["retrieval"], tmp_path / "tower", "onnx", None, False, "flat", 64)
+    other = tmp_path / "other"  # the same graph, said to come from another checkpoint
+    shutil.copytree(tmp_path / "ranker", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["run"]["checkpoint"] = "/elsewhere/epoch_000.ckpt"
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="not the ranker of ranking_run"):
-        Pipeline(runs["retrieval"], runs["ranking"], ranking_export=str(tmp_path / "tower"))
+        Pipeline(runs["retrieval"], runs["ranking"], ranking_export=str(other))

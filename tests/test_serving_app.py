@@ -234,7 +234,7 @@ _bodies = st.one_of(
 
 
 @settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,

@@ -192,6 +192,7 @@ def test_missing_pretrained_folder_is_named(make_cfg, tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow  # a fresh interpreter (~5 s); CI runs it
 def test_unknown_model_group_option_names_the_choices(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "model=nope"],
@@ -237,6 +238,7 @@ def test_timing_records_time_to_quality(make_cfg, tmp_path):
     assert timing["seconds_to_val/ndcg@10>=2.0"] is None  # never reached
 
 
+@pytest.mark.slow  # a fresh interpreter (~5 s); CI runs it
 def test_cli_run_without_checkpoints_exits_cleanly(tmp_path):
     """fast_dev_run keeps no checkpoint, so there is no best validation value: a single run still exits 0
     (only a sweep, which needs the value, stops)."""
