@@ -141,7 +141,13 @@ def test_events_are_logged_and_join_the_history(service, known_user):
     )
     assert r.status_code == 200 and r.json() == {"logged": 2, "unknown_items": ["brand-new-item"]}
     lines = [json.loads(line) for line in events.read_text().splitlines()]
-    assert lines[-2]["item_id"] == first and lines[-2]["timestamp"] == 123
+    assert lines[-2] == {
+        "user_id": str(known_user),
+        "item_id": str(first),
+        "timestamp": 123,
+        "event": "click",
+        "label": 1,
+    }
     assert lines[-1]["user_id"] == "newcomer" and isinstance(lines[-1]["timestamp"], int)
     again = client.post("/recommend", json={"user_id": known_user, "k": 3}).json()
     assert first not in [i["item_id"] for i in again["items"]]  # seen now
@@ -270,3 +276,28 @@ def test_serve_script_builds_the_configured_pipeline(served_runs):
     assert (pipe.n_candidates, pipe.diversity, pipe.explain, pipe.index.kind) == (25, 0.3, 2, "hnsw")
     with pytest.raises(ConfigError, match="no such run directory"):
         build("/no/such/run", None)
+
+
+def test_the_event_log_is_a_training_source(service, known_user):
+    """POST /events writes JSON lines the tabular source reads as interactions with a 0/1 label."""
+    from recsys_lab.data.sources.tabular import Tabular
+
+    client, _, events = service
+    client.post(
+        "/events",
+        json=[
+            {"user_id": known_user, "item_id": 3, "timestamp": 10, "positive": False},
+            {"user_id": "u-9", "item_id": 4, "timestamp": 11},
+        ],
+    )
+    columns = {
+        "user": "user_id",
+        "item": "item_id",
+        "timestamp": "timestamp",
+        "rating": None,
+        "label": "label",
+    }
+    raw = Tabular(str(events), columns).load()
+    n = len(events.read_text().splitlines())
+    assert raw.interactions.height == n
+    assert raw.interactions["label"].to_list()[-2:] == [0.0, 1.0]

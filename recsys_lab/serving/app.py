@@ -194,7 +194,17 @@ def create_app(
                 unknown.append(e.item_id)  # logged for the trainer (a new item), not in the live history
             elif e.positive:
                 state.online.add(encoder.user_key(e.user_id), entities[0])
-            records.append({**e.model_dump(), "timestamp": e.timestamp if e.timestamp is not None else now})
+            # the log is a training source as it is (`data=tabular data.path=<events.jsonl> data.columns.label=
+            # label`): string ids, as the CSV reader reads them, and a 0/1 label
+            records.append(
+                {
+                    "user_id": str(e.user_id),
+                    "item_id": str(e.item_id),
+                    "timestamp": e.timestamp if e.timestamp is not None else now,
+                    "event": e.event,
+                    "label": int(e.positive),
+                }
+            )
         state.events.append(records)
         return {"logged": len(records), "unknown_items": unknown}
 

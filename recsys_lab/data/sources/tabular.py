@@ -56,7 +56,7 @@ from recsys_lab.data.sources.raw import RawData, SourceError
 SOURCE_VERSION = 1
 MULTI_SEPARATOR = "|"
 VECTOR_SEPARATOR = " "
-TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson")
 _MAPPING_KEYS = ("user", "item", "timestamp", "rating", "label")
 CONTEXT_KINDS = ("categorical", "numeric")
 _ROW = "__row"
@@ -82,6 +82,8 @@ def read_table(path: Path, key: str = "data.path") -> tuple[pl.DataFrame, valida
     try:
         if suffix in (".parquet", ".pq"):
             return pl.read_parquet(path), path
+        if suffix in (".jsonl", ".ndjson"):  # JSON lines, e.g. the serving's event log (POST /events)
+            return pl.read_ndjson(path, infer_schema_length=None), path
         separator = "\t" if suffix == ".tsv" else ","
         frame = pl.read_csv(path, separator=separator, infer_schema=False)
         return frame, validate.TextFile(path, header=1, quote='"', separator=separator)
