@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_lab.data.datamodule import RecDataModule
+from recsys_lab.modules.embeddings import check_hashed_features
 from recsys_lab.modules.finetune import parameter_counts
 from recsys_lab.tasks.base import RecTask
 from recsys_lab.utils.callbacks import RandomState, TrainingClock
@@ -62,6 +63,7 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
     net = hydra.utils.instantiate(cfg.model.net, _partial_=True, _convert_="partial")(
         schema=datamodule.schema
     )
+    check_hashed_features(net, datamodule.schema)
     task_cfg = {k: v for k, v in cfg.model.items() if k != "net"}
     task = hydra.utils.instantiate(task_cfg, _partial_=True, _convert_="partial")(
         net=net, schema=datamodule.schema

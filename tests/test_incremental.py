@@ -4,6 +4,7 @@ warm start that keeps old embedding rows in place, and a tiny window 0 -> window
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -194,3 +195,37 @@ def test_incremental_script_reports_every_model_per_window(tmp_path, data_dir):
     saved = json.loads((out / "results.json").read_text())
     assert saved["command"].startswith("python scripts/incremental.py --windows 3")
     assert (out / "incremental.svg").is_file() or (out / "incremental.png").is_file()
+
+
+# ---- hashed ids: a table that never grows ---------------------------------------------------------------------
+def test_hashed_embedding_rows_on_a_hand_example():
+    from recsys_lab.modules.embeddings import HashedEmbedding
+
+    table = HashedEmbedding(10, 4)
+    # row = 1 + (id * 2654435761 mod 2^31) mod 9; id 0 stays row 0
+    assert table.rows(torch.tensor([0, 1, 2, 3, 1000])).tolist() == [0, 6, 2, 7, 2]
+    assert torch.equal(table(torch.tensor([[1, 0]])), table.weight[[6, 0]].unsqueeze(0))
+    with pytest.raises(ValueError, match="buckets=1"):
+        HashedEmbedding(1, 4)
+
+
+def test_hash_buckets_config_hashes_feature_embedding_tables(make_cfg):
+    """data.hash_buckets: DIN's user and item tables become fixed hashed tables (the history shares the item
+    one); the unhashed schema keeps its fingerprint; a model with its own id tables is refused by name."""
+    from recsys_lab.modules.embeddings import HashedEmbedding
+    from recsys_lab.train import build
+    from tests.helpers import model_overrides
+
+    cfg = make_cfg([*model_overrides("din", Path(".")), "data.hash_buckets={user_id: 64, item_id: 128}"])
+    datamodule, task = build(cfg)
+    tables = task.net.embedding.tables
+    assert isinstance(tables["user_id"], HashedEmbedding) and tables["user_id"].weight.shape[0] == 64
+    assert isinstance(tables["item_id"], HashedEmbedding) and tables["item_id"].weight.shape[0] == 128
+    assert task.net.embedding.table("hist_item_id") is tables["item_id"]
+    plain = datamodule.store.schema()
+    assert "buckets" not in plain.to_dict()["features"][0]  # unhashed layouts fingerprint as before
+    assert datamodule.schema.fingerprint() != plain.fingerprint()
+    with pytest.raises(ValueError, match="'price' is not a sparse feature"):
+        plain.with_buckets({"price": 8})
+    with pytest.raises(ValueError, match="SASRec builds its own id tables for \\['item_id'\\]"):
+        build(make_cfg([*model_overrides("sasrec", Path(".")), "data.hash_buckets={item_id: 128}"]))

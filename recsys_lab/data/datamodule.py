@@ -126,6 +126,9 @@ class RecDataModule(pl.LightningDataModule):
         vocab_extend: with `vocab_from`, append this training split's new ids (True) or keep the earlier
             vocabularies exactly, new ids reading code 0 "unknown" (False: the earlier model evaluated as it
             was, never updated).
+        hash_buckets: {sparse feature: rows}: that feature's ids are hashed into a fixed table of this many rows
+            (`HashedEmbedding`) instead of one row per id, so a growing vocabulary (new users and items of an
+            incremental update) needs no new rows; for models whose id tables are `FeatureEmbedding`s.
         path / version / columns / window: shorthands that the source or split config interpolates
             (`data.path=...`, `data.version=...`, `data.columns.user=...`, `data.window=...` with
             `protocol=window`); recorded in the protocol.
@@ -156,6 +159,7 @@ class RecDataModule(pl.LightningDataModule):
         seed: int = 0,
         vocab_from: str | None = None,
         vocab_extend: bool = True,
+        hash_buckets: dict[str, int] | None = None,
         path: str | None = None,
         version: str | None = None,
         columns: dict | None = None,
@@ -178,6 +182,7 @@ class RecDataModule(pl.LightningDataModule):
         self.ctr_eval = ctr_eval
         self.path, self.version, self.columns, self.window = path, version, columns, window
         self.vocab_from, self.vocab_extend = vocab_from, bool(vocab_extend)
+        self.hash_buckets = dict(hash_buckets or {})
         self._inherited: Inherited | None = None
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -272,6 +277,8 @@ class RecDataModule(pl.LightningDataModule):
             p, self.history_len, self.history_features, self.text, context=self.context
         )
         self.schema = self.store.schema()
+        if self.hash_buckets:
+            self.schema = self.schema.with_buckets(self.hash_buckets)
         self.rows, self.queries = self._subsample(p)
         if self.train_negatives is not None:
             self.negatives = self.store.training_negatives(self.train_negatives, self.seed)
@@ -376,6 +383,7 @@ class RecDataModule(pl.LightningDataModule):
             "context_features": self.store.meta.context if self._ready else None,
             "time_context": self.time_context,
             "cold_items": self.cold_items,
+            "hash_buckets": self.hash_buckets,
             "numeric_buckets": self.numeric_buckets,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,

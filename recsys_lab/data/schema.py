@@ -6,6 +6,7 @@ and is passed to the model constructor by `train.py`, so model configs never rep
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ class Feature:
         max_len: longest sequence (seq) or token count (text).
         embed_as: for a seq feature, the sparse feature whose embedding table it shares (a click history of
             items is embedded with the item-id table, so history and candidate live in one space).
+        buckets: for a sparse feature, hash its ids into this many embedding rows instead of one row per id
+            (`data.hash_buckets`; `recsys_lab.modules.embeddings.HashedEmbedding`); None: one row per id.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Feature:
     dim: int = 1
     max_len: int = 0
     embed_as: str | None = None
+    buckets: int | None = None
 
 
 @dataclass
@@ -120,6 +124,25 @@ class Schema:
             if key not in by_name or by_name[key].kind != "sparse":
                 raise ValueError(f"schema: '{key}' must be a sparse feature; features are {names}")
 
+    def with_buckets(self, buckets: dict[str, int]) -> Schema:
+        """The same schema with the ids of sparse features `buckets` ({name: rows}) hashed into that many
+        embedding rows (seq features sharing their table follow them); `data.hash_buckets`."""
+        by_name = {f.name: f for f in self.features}
+        for name, n in buckets.items():
+            if name not in by_name or by_name[name].kind != "sparse":
+                sparse = [f.name for f in self.features if f.kind == "sparse"]
+                raise ValueError(
+                    f"data.hash_buckets: '{name}' is not a sparse feature; sparse features are {sparse}"
+                )
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(
+                    f"data.hash_buckets.{name}={n!r}: expected an integer >= 2 (row 0 stays 'unknown')"
+                )
+        features = [
+            dataclasses.replace(f, buckets=buckets[f.name]) if f.name in buckets else f for f in self.features
+        ]
+        return dataclasses.replace(self, features=features)
+
     # --- lookups --------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Feature:
         for f in self.features:
@@ -151,7 +174,10 @@ class Schema:
     def to_dict(self) -> dict:
         """Plain-Python form (no tensors): safe for hparams, JSON and `weights_only` checkpoints."""
         return {
-            "features": [asdict(f) for f in self.features],
+            # `buckets` only when set: the layout (and the fingerprint) of unhashed schemas stays as it was
+            "features": [
+                {k: v for k, v in asdict(f).items() if k != "buckets" or v is not None} for f in self.features
+            ],
             "user_id": self.user_id,
             "item_id": self.item_id,
             "labels": list(self.labels),

@@ -12,8 +12,40 @@ from recsys_lab.data.schema import Schema, Side
 from recsys_lab.modules.attention import masked_mean
 
 
+class HashedEmbedding(nn.Module):
+    """An embedding table of `buckets` rows for ids of any range (the hashing trick, Weinberger et al., ICML
+    2009): id 0 ("unknown") keeps row 0, any other id reads row 1 + (id * K mod 2^31) mod (buckets - 1), K a
+    fixed odd multiplier that spreads consecutive ids. The table never grows: ids appended to a vocabulary
+    later (`data.vocab_from`, incremental training) read existing rows, shared with colliding ids.
+
+    forward(ids int64 any shape S) -> (*S, D); `weight` is the (buckets, D) table.
+    """
+
+    MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (odd, ~2^32 / golden ratio)
+
+    def __init__(self, buckets: int, embedding_dim: int) -> None:
+        super().__init__()
+        if buckets < 2:
+            raise ValueError(f"HashedEmbedding: buckets={buckets}, expected >= 2")
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, embedding_dim)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """The row of each id: 0 for id 0, else in 1..buckets-1."""
+        hashed = (ids * self.MULTIPLIER) % (1 << 31) % (self.buckets - 1) + 1
+        return torch.where(ids == 0, torch.zeros_like(ids), hashed)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(self.rows(ids))
+
+
 class FeatureEmbedding(nn.Module):
-    """One embedding table per sparse feature; seq features share the table named by their `embed_as`.
+    """One embedding table per sparse feature; seq features share the table named by their `embed_as`. A
+    feature with `buckets` (`data.hash_buckets`) gets a `HashedEmbedding` of that many rows instead.
 
     A seq feature without `embed_as` gets a table of its own. Only the features a model reads should get a table,
     otherwise unused tables never receive gradients: `sides` keeps the sparse and seq features of those sides,
@@ -36,9 +68,14 @@ class FeatureEmbedding(nn.Module):
         self._table_of.update({f.name: f.embed_as or f.name for f in seq})
         self.tables = nn.ModuleDict()
         for table in dict.fromkeys(self._table_of.values()):  # ordered and unique: stable parameter order
-            self.tables[table] = nn.Embedding(schema[table].vocab_size, embedding_dim)
+            buckets = schema[table].buckets  # data.hash_buckets: a fixed table, ids hashed into it
+            self.tables[table] = (
+                HashedEmbedding(buckets, embedding_dim)
+                if buckets
+                else nn.Embedding(schema[table].vocab_size, embedding_dim)
+            )
 
-    def table(self, name: str) -> nn.Embedding:
+    def table(self, name: str) -> nn.Module:
         """The table a sparse or seq feature is looked up in (shared tables are the same object)."""
         if name not in self._table_of:
             raise KeyError(
@@ -57,6 +94,35 @@ class FeatureEmbedding(nn.Module):
         callers mask with `Seq.mask()`.
         """
         return torch.cat([self.table(n)(batch.seq[n].ids) for n in names], dim=-1)  # (B, L, F*D)
+
+
+def check_hashed_features(net: nn.Module, schema: Schema) -> None:
+    """`data.hash_buckets` applies to the tables `FeatureEmbedding` builds: a model that builds its own id table
+    of a hashed feature (sized by its vocabulary) would silently ignore it, so it stops with the feature named."""
+    hashed = {f.name: f.vocab_size for f in schema.features if f.buckets}
+    if not hashed:
+        return
+    served = {
+        name
+        for m in net.modules()
+        if isinstance(m, FeatureEmbedding)
+        for name, table in m.tables.items()
+        if isinstance(table, HashedEmbedding)
+    }
+    hashed_tables = {id(m.table) for m in net.modules() if isinstance(m, HashedEmbedding)}
+    own = {
+        name
+        for name, size in hashed.items()
+        for m in net.modules()
+        if isinstance(m, nn.Embedding) and id(m) not in hashed_tables and m.num_embeddings == size
+    }
+    unserved = sorted((set(hashed) - served) | own)
+    if unserved:
+        raise ValueError(
+            f"data.hash_buckets: {type(net).__name__} builds its own id tables for {unserved} (or does not read "
+            "them), so they cannot be hashed; hashing applies to models whose tables are FeatureEmbedding's "
+            "(din, two_tower, deepfm, dcnv2, ...)"
+        )
 
 
 def pooled_seq_and_dense(

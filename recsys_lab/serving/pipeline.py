@@ -19,6 +19,7 @@ measures the same code).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ class Pipeline:
         self.tokenizer = None  # free-text search: a retrieval model that encodes text, with its tokenizer
         if retrieval is not None and callable(getattr(retrieval.net, "encode_text", None)):
             self.tokenizer = load_tokenizer(retrieval.datamodule.text)
+        self._tokenizer_lock = threading.Lock()
         if retrieval is not None:
             self.item_vectors = _encode_catalogue(retrieval)  # (V, D), row = item code
             index = index or IndexConfig()
@@ -191,9 +193,10 @@ class Pipeline:
 
     def _encode_texts(self, texts: list[str]) -> Tensor:
         """Free-text searches as query encodings (B, D), tokenized like the item texts."""
-        tokens, lengths = tokenize_texts(
-            self.tokenizer, texts, self.retrieval.datamodule.text.max_item_tokens
-        )
+        with self._tokenizer_lock:  # a Rust fast tokenizer refuses concurrent calls ("Already borrowed")
+            tokens, lengths = tokenize_texts(
+                self.tokenizer, texts, self.retrieval.datamodule.text.max_item_tokens
+            )
         return self.retrieval.net.encode_text(tokens, lengths)
 
     @torch.no_grad()
