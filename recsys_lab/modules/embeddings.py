@@ -109,12 +109,13 @@ def check_hashed_features(net: nn.Module, schema: Schema) -> None:
         for name, table in m.tables.items()
         if isinstance(table, HashedEmbedding)
     }
-    hashed_tables = {id(m.table) for m in net.modules() if isinstance(m, HashedEmbedding)}
+    # tables outside any FeatureEmbedding sized like a hashed vocabulary: a model's own id table of that feature
+    inside = {id(t) for m in net.modules() if isinstance(m, FeatureEmbedding) for t in m.modules()}
     own = {
         name
         for name, size in hashed.items()
         for m in net.modules()
-        if isinstance(m, nn.Embedding) and id(m) not in hashed_tables and m.num_embeddings == size
+        if isinstance(m, nn.Embedding) and id(m) not in inside and m.num_embeddings == size
     }
     unserved = sorted((set(hashed) - served) | own)
     if unserved:
