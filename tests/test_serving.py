@@ -158,6 +158,10 @@ def test_filters_admit_only_matching_items(runs, both):
     assert not set(banned) & set(out.items)
     admitted = encoder.allowed(filters)
     assert set(codes) <= set(np.flatnonzero(admitted))
+    # a bound equal to an item's (rebuilt) value admits it
+    value = float(np.float32(price[codes[0]]))
+    at = encoder.allowed(Filters(ranges={"price": (value, value)}))
+    assert at[codes[0]]
 
 
 def test_unknown_filter_and_context_columns_are_request_errors(both):
@@ -189,6 +193,9 @@ def test_mmr_on_a_hand_example():
     assert _mmr(scores, vectors, 3, 0.0).tolist() == [0, 1, 2]
     assert _mmr(scores, vectors, 3, 0.5).tolist() == [0, 2, 1]
     assert _mmr(np.array([1.0, -np.inf, 0.2]), vectors, 3, 0.5).tolist() == [0, 2, -1]
+    # diversity 1: similarity alone decides after the first pick; nothing is picked twice, no invalid one
+    assert _mmr(scores, vectors, 3, 1.0).tolist() == [0, 2, 1]
+    assert _mmr(np.array([1.0, -np.inf, 0.2]), vectors, 3, 1.0).tolist() == [0, 2, -1]
 
 
 def test_diversity_lowers_the_similarity_within_lists(runs):
@@ -216,8 +223,7 @@ def test_online_events_join_the_history(runs):
     raw, _ = _users_with_history(runs["retrieval"], 1)
     before = pipe.recommend(Request(user_id=raw[0], k=5))
     clicked = before.items[0]
-    entities, _ = pipe.catalogue.item_entities([clicked])
-    pipe.online.add(pipe.catalogue.user_key(raw[0]), entities[0])
+    pipe.online.add(raw[0], clicked)
     after = pipe.recommend(Request(user_id=raw[0], k=5))
     assert clicked not in after.items  # now seen
     hist = pipe.encoders["ranking"].encode([Request(user_id=raw[0])]).batch.seq[history_feature("item_id")]

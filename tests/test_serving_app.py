@@ -80,6 +80,7 @@ def test_cold_paths_are_answers_not_errors(service, body):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["source"] == "popularity" and len(out["items"]) == body.get("k", 10)
+    assert all(i["retrieval_score"] is None for i in out["items"])  # a popularity count is no retrieval score
     assert out["unknown_items"] == body.get("items", [])
 
 
@@ -105,6 +106,7 @@ def test_k_larger_than_the_catalogue(service):
         ({"filters": {"include": {"colour": ["red"]}}}, "colour"),
         ({"context": {"weather": "rain"}}, "weather"),
         ({"text": "running shoes"}, "text"),
+        ({"filters": {"ranges": {"price": [0, 10**400]}}}, "price"),  # a JSON integer beyond float's range
     ],
 )
 def test_malformed_requests_are_4xx_naming_the_field(service, body, field):
@@ -187,6 +189,9 @@ def test_hot_swap_drops_no_request(service, served_runs, known_user):
         worker.join()
     assert r.status_code == 200 and r.json()["model_version"] == version + 1
     assert statuses and set(statuses) == {200}
+    kept = client.post("/reload", json={"retrieval_run": str(served_runs["retrieval"])})  # ranking kept
+    assert kept.status_code == 200 and kept.json()["ranking"]["model"].endswith("DIN")
+    version += 1
     bad = client.post("/reload", json={"retrieval_run": "/no/such/run"})
     assert bad.status_code == 422 and "still serving version" in bad.json()["detail"]
     assert client.get("/health").json()["model_version"] == version + 1

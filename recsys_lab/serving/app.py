@@ -10,8 +10,9 @@ Endpoints:
 - `POST /events` [{user_id, item_id, timestamp, event}] appends interactions to a JSON-lines log (what the
   online trainer reads) and to the users' live histories, so the next recommendation sees them.
 - `GET /health`, `GET /metadata` (runs, data fingerprints, index size, versions, events logged).
-- `POST /reload` {retrieval_run, ranking_run}: builds the new pipeline beside the serving one, then swaps one
-  reference; requests in flight finish on the version they started with, none is dropped.
+- `POST /reload` {retrieval_run, ranking_run}: builds the new pipeline beside the serving one (a stage not named
+  keeps its current run), then swaps one reference; requests in flight finish on the version they started with,
+  none is dropped.
 
 Validation: every body is a strict pydantic model (unknown fields, wrong types, NaN, k < 1 are 422 with the
 field named); a value the data cannot interpret (a filter column that is no item column, a context column the
@@ -101,17 +102,34 @@ class ServiceState:
     """The serving pipeline (swapped whole on reload), its version and the shared event state."""
 
     def __init__(self, pipeline: Pipeline, build: Callable[..., Pipeline], events: EventLog) -> None:
-        self.pipeline, self.build, self.events = pipeline, build, events
-        self.version = 1
+        self.build, self.events = build, events
+        self.serving = (pipeline, 1)  # swapped whole: the pipeline and its version together
         self.online: OnlineHistories = pipeline.online
         self._reload_lock = threading.Lock()
         self.started = time.time()
 
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.serving[0]
+
+    @property
+    def version(self) -> int:
+        return self.serving[1]
+
     def reload(self, retrieval_run: str | None, ranking_run: str | None) -> None:
+        """A new version from the given runs; a stage not named keeps the serving version's run."""
         with self._reload_lock:  # one reload at a time; serving goes on meanwhile
-            fresh = self.build(retrieval_run=retrieval_run, ranking_run=ranking_run, online=self.online)
-            self.pipeline = fresh  # one reference: a request holds the version it started with
-            self.version += 1
+            current, version = self.serving
+            keep = {
+                role: str(run.path) if run else None
+                for role, run in (("retrieval", current.retrieval), ("ranking", current.ranking))
+            }
+            fresh = self.build(
+                retrieval_run=retrieval_run or keep["retrieval"],
+                ranking_run=ranking_run or keep["ranking"],
+                online=self.online,
+            )
+            self.serving = (fresh, version + 1)  # one reference: a request holds the version it started with
 
 
 def create_app(
@@ -146,7 +164,7 @@ def create_app(
 
     @app.post("/recommend")
     def recommend(body: RecommendBody) -> dict[str, Any]:
-        pipe = state.pipeline  # this request's version, whatever a reload does meanwhile
+        pipe, version = state.serving  # this request's version, whatever a reload does meanwhile
         request = PipelineRequest(
             user_id=body.user_id,
             items=list(body.items),
@@ -176,7 +194,7 @@ def create_app(
             "items": items,
             "source": out.source,
             "unknown_items": out.unknown_items,
-            "model_version": state.version,
+            "model_version": version,
             "timings_ms": out.timings_ms,
         }
 
@@ -193,7 +211,7 @@ def create_app(
             if missing:
                 unknown.append(e.item_id)  # logged for the trainer (a new item), not in the live history
             elif e.positive:
-                state.online.add(encoder.user_key(e.user_id), entities[0])
+                state.online.add(e.user_id, e.item_id)
             # the log is a training source as it is (`data=tabular data.path=<events.jsonl> data.columns.label=
             # label`): string ids, as the CSV reader reads them, and a 0/1 label
             records.append(
@@ -234,7 +252,7 @@ def create_app(
             state.reload(body.retrieval_run, body.ranking_run)
         except NotImplementedError as err:
             raise HTTPException(501, str(err)) from None
-        except (ValueError, OSError) as err:  # a bad run directory: the serving version stays
+        except (ValueError, OSError, RuntimeError) as err:  # a bad run directory: the serving version stays
             raise HTTPException(422, f"reload failed, still serving version {state.version}: {err}") from None
         return {"model_version": state.version, **state.pipeline.describe()}
 

@@ -180,7 +180,7 @@ class Pipeline:
                 continue
             query = queries(torch.as_tensor(rows)).numpy()
             exclude = [encoded.exclude[b] for b in rows]
-            if allowed is None:
+            if allowed is None:  # excluded ids are filtered by the index's over-fetch
                 scores[rows], codes[rows] = self.index.search(query, n, exclude)
             else:  # filtered: the admissible items scored exactly (the filter may leave few of them)
                 scores[rows], codes[rows] = _exact_top(query, self.item_vectors, n, exclude, allowed)
@@ -236,7 +236,9 @@ class Pipeline:
     def recommend(self, request: Request) -> Recommendation:
         """The k best items for one request through every configured stage (see the module docstring)."""
         t0 = time.perf_counter()
-        allowed = self.catalogue.allowed(request.filters)
+        # category and range filters restrict the catalogue; excluded ids alone are exclusions the index handles
+        only_excluded = not (request.filters.include or request.filters.ranges)
+        allowed = None if only_excluded else self.catalogue.allowed(request.filters)
         encoded = {role: enc.encode([request], self.exclude_seen) for role, enc in self.encoders.items()}
         first = encoded["retrieval" if self.retrieval else "ranking"]
         timings = {"encode": _ms(t0)}
@@ -245,8 +247,6 @@ class Pipeline:
         n = max(k, self.n_candidates) if self.ranking is not None or self.diversity > 0 else k
         t = time.perf_counter()
         r_scores, codes, personal = self.retrieve(first, n, allowed)  # by popularity without retrieval
-        if self.retrieval is None:
-            r_scores = np.full_like(r_scores, np.nan)  # popularity counts are no retrieval scores
         timings["retrieve"] = _ms(t)
         weights = None
         scores = r_scores
@@ -267,7 +267,8 @@ class Pipeline:
         return Recommendation(
             items=[raw[c] for c in chosen],
             scores=[float(s) for s in scores[0, pos]],
-            retrieval_scores=[None if np.isnan(s) else float(s) for s in r_scores[0, pos]],
+            # popularity counts order the fallback's candidates but are no retrieval scores
+            retrieval_scores=[float(s) if personal[0] else None for s in r_scores[0, pos]],
             because=because,
             source="text" if request.text is not None else "personal" if personal[0] else "popularity",
             unknown_items=first.unknown_items[0],
@@ -363,14 +364,22 @@ def _exact_top(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-n by inner product over item codes 1..V-1 that `allowed` admits and `exclude` does not:
     scores (B, n) and codes (B, n), padded with -inf / -1."""
-    scores = query.astype(np.float64) @ vectors.T.astype(np.float64)  # (B, V)
+    scores = query.astype(np.float32) @ vectors.T.astype(np.float32, copy=False)  # (B, V)
     scores[:, 0] = -np.inf
     if allowed is not None:
         scores[:, ~allowed] = -np.inf
     for b, seen in enumerate(exclude):
         scores[b, seen] = -np.inf
     n_take = min(n, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :n_take]
+    # the n best without sorting all V: a partition, then a stable sort of those n (ties keep code order)
+    part = np.argpartition(-scores, n_take - 1, axis=1)[:, :n_take] if n_take < scores.shape[1] else None
+    if part is None:
+        top = np.argsort(-scores, axis=1, kind="stable")
+    else:
+        part.sort(axis=1)
+        top = np.take_along_axis(
+            part, np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable"), 1
+        )
     top_scores = np.take_along_axis(scores, top, 1)
     out_s = np.full((len(query), n), -np.inf, dtype=np.float32)
     out_c = np.full((len(query), n), -1, dtype=np.int64)
@@ -384,20 +393,21 @@ def _mmr(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> n
     """Maximal marginal relevance: greedily the candidate maximising (1 - d) * relevance - d * (its largest
     cosine to the already chosen), relevance = scores scaled to [0, 1]. Returns k positions (-1 past the
     valid candidates)."""
-    valid = np.isfinite(scores)
+    available = np.isfinite(scores)  # valid and not chosen yet
     out = np.full(k, -1, dtype=np.int64)
-    if not valid.any():
+    if not available.any():
         return out
-    s = np.where(valid, scores, np.nan)
+    s = np.where(available, scores, np.nan)
     lo, hi = np.nanmin(s), np.nanmax(s)
-    relevance = np.where(valid, (s - lo) / (hi - lo) if hi > lo else 1.0, -np.inf)
+    relevance = np.where(available, (s - lo) / (hi - lo) if hi > lo else 1.0, 0.0)
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # (C, D)
     closest = np.zeros(len(scores))  # largest cosine to the chosen set (0 while empty)
-    for j in range(min(k, int(valid.sum()))):
-        gain = (1 - diversity) * relevance - diversity * closest
+    for j in range(min(k, int(available.sum()))):
+        # unavailable candidates masked apart (a weight times -inf would be NaN at the weights' ends)
+        gain = np.where(available, (1 - diversity) * relevance - diversity * closest, -np.inf)
         best = int(np.argmax(gain))
         out[j] = best
-        relevance[best] = -np.inf  # chosen: never again
+        available[best] = False  # chosen: never again
         closest = np.maximum(closest, unit @ unit[best])
     return out
 

@@ -82,20 +82,21 @@ class EncodedRequests:
 
 
 class OnlineHistories:
-    """Positives posted to the service (`POST /events`) since it started, per user entity, appended to the
-    prepared log's timelines; thread-safe. Users the data did not know are keyed by their raw id."""
+    """Positives posted to the service (`POST /events`) since it started, by raw user id (as a string), each a
+    list of raw item ids, appended to the prepared log's timelines; thread-safe. Raw ids, not table rows: a
+    reloaded pipeline, prepared on other data, reads them through its own tables."""
 
     def __init__(self) -> None:
-        self._items: dict[Any, list[int]] = {}
+        self._items: dict[str, list[Any]] = {}
         self._lock = threading.Lock()
 
-    def add(self, key: Any, item_code: int) -> None:
+    def add(self, user_id: Any, item_id: Any) -> None:
         with self._lock:
-            self._items.setdefault(key, []).append(int(item_code))
+            self._items.setdefault(str(user_id), []).append(item_id)
 
-    def get(self, key: Any) -> list[int]:
+    def get(self, user_id: Any) -> list[Any]:
         with self._lock:
-            return list(self._items.get(key, ()))
+            return list(self._items.get(str(user_id), ()))
 
     def __len__(self) -> int:
         with self._lock:
@@ -203,10 +204,14 @@ class RequestEncoder:
             if f is None or f.side != "item" or f.kind != "numeric":
                 raise RequestError(f"filters.ranges: '{column}' is not a numeric item column")
             values = self.raw_numeric(column)
+            # the raw values are rebuilt from float32 standardised ones: a bound equal to an item's value must
+            # admit it, so the bounds get a relative tolerance well above that rounding (~1e-6)
             if low is not None:
-                ok &= values >= low
+                low = _number(f"filters.ranges.{column}", low)
+                ok &= values >= low - 1e-5 * max(1.0, abs(low))
             if high is not None:
-                ok &= values <= high
+                high = _number(f"filters.ranges.{column}", high)
+                ok &= values <= high + 1e-5 * max(1.0, abs(high))
         codes, _ = self.item_codes(filters.exclude_items)
         ok[codes] = False
         return ok
@@ -240,8 +245,8 @@ class RequestEncoder:
             past: list[int] = []  # item entities, oldest first
             if entities[b] is not None:
                 past = full.values[full.offsets[entities[b]] : full.offsets[entities[b] + 1]].tolist()
-            if r.user_id is not None:
-                past += self.online.get(self.user_key(r.user_id))
+            if r.user_id is not None:  # events posted since the start (ids the catalogue lacks are skipped)
+                past += self.item_entities(self.online.get(r.user_id))[0]
             given, missing = self.item_entities(r.items)
             histories.append(past + given)
             unknown_items.append(missing)
@@ -273,11 +278,6 @@ class RequestEncoder:
         known = torch.ones(len(users), dtype=torch.bool)
         return EncodedRequests(batch, Seq(hist.ids, hist.lengths), known, [[] for _ in users], exclude)
 
-    def user_key(self, raw: Any) -> Any:
-        """Where a user's online events are kept: the entity of a known user, else the raw id."""
-        entity = self.user_entity_of(raw)
-        return entity if entity is not None else ("raw", str(raw))
-
     def candidate_rows(self, encoded: EncodedRequests, codes: Tensor) -> Batch:
         """(query, candidate) rows: each of the B queries with each of its C candidate item codes, query-major
         (B*C rows), with the candidates' item features: what a ranker's `forward` reads."""
@@ -307,6 +307,11 @@ def _blank_unknown_users(batch: Batch, unknown: Tensor) -> None:
 
 
 def _number(column: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"'{column}': expected a finite number, got {value!r}")
-    return float(value)
+    try:  # a JSON integer may have any number of digits: beyond float's range it is no usable number
+        x = float(value) if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) else None
+    except OverflowError:
+        x = None
+    if x is None or not math.isfinite(x):
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+        raise RequestError(f"'{column}': expected a finite number, got {shown}")
+    return x
