@@ -283,7 +283,7 @@ def test_tabular_without_path_names_data_path():
     """data=tabular without data.path used to fail with a TypeError from Path(None)."""
     with pytest.raises(
         SourceError,
-        match=r"data.path is not set: data=tabular reads your own interactions file \(.parquet, .pq, .csv, .tsv\), "
+        match=r"data.path is not set: data=tabular reads your own interactions file \(.parquet, .pq, .csv, .tsv, .jsonl, .ndjson\), "
         r"e.g. python train.py data=tabular data.path=/data/clicks.parquet",
     ):
         Tabular(None, columns=UI)
@@ -305,7 +305,7 @@ def test_tabular_path_that_is_not_a_file(tmp_path, key, state):
         target.mkdir()
     paths = {"path": str(target)} if key == "data.path" else {"path": str(inter), "items_path": str(target)}
     source = Tabular(**paths, columns=UI, item_features={"brand": "categorical"})
-    expected = rf"{key}=.*{target.name} {state}; expected a table file \(.parquet, .pq, .csv, .tsv\)"
+    expected = rf"{key}=.*{target.name} {state}; expected a table file \(.parquet, .pq, .csv, .tsv, .jsonl, .ndjson\)"
     with pytest.raises(SourceError, match=expected):
         source.fingerprint()
     with pytest.raises(SourceError, match=expected):
