@@ -149,6 +149,7 @@ def test_item_files_match_the_model_and_the_index_finds_the_exact_neighbours(exp
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # an export through the dynamo exporter (~2-3 s); CI runs it
 def test_lora_is_merged_into_the_exported_text_tower(make_cfg, tmp_path):
     """A tiny-BERT text tower fine-tuned with LoRA (a large step size, so the adapter moves the scores): the export
     scores like the adapted model, not like the base encoder, and holds no adapter weight."""

@@ -349,6 +349,7 @@ def test_text_search_without_a_text_model_is_a_request_error(runs):
         Pipeline(runs["retrieval"], None).recommend(Request(text="red shoes", k=3))
 
 
+@pytest.mark.slow  # an export through the dynamo exporter (~2-3 s); CI runs it
 def test_exported_ranker_serves_the_same_scores(runs, served_runs, tmp_path):
     """ranking_export: the ONNX ranker in ONNX Runtime scores the candidates as the eager model does (within
     the export's parity bound); an export of another run is refused."""
