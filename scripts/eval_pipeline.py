@@ -112,18 +112,10 @@ def evaluate_pipeline(cfg: DictConfig) -> dict:
     stage1 = FullRankingMetrics([N])
     lists: dict[str, list[np.ndarray]] = {name: [] for name in systems}
 
-    def encode(idx: np.ndarray):
-        users = queries.users[torch.as_tensor(idx)]
-        seen = queries.seen.gather(torch.as_tensor(idx))
-        targets = queries.targets.gather(torch.as_tensor(idx))
-        exclude = [seen.ids[b, : seen.lengths[b]].numpy() for b in range(len(idx))]
-        wanted = [targets.ids[b, : targets.lengths[b]].numpy() for b in range(len(idx))]
-        enc = {role: e.encode_stored(users, level, exclude) for role, e in pipe.encoders.items()}
-        return enc, exclude, wanted
-
     with torch.no_grad():
         for s in range(0, len(order), cfg.batch_size):
-            enc, exclude, wanted = encode(order[s : s + cfg.batch_size])
+            users, exclude, wanted = _query_rows(queries, order[s : s + cfg.batch_size])
+            enc = {role: e.encode_stored(users, level, exclude) for role, e in pipe.encoders.items()}
             rel = _relevant(wanted, V)
             _, cand, _ = pipe.retrieve(enc["retrieval"], N)  # (B, N)
             stage1.update(_as_scores(cand, V), rel)
@@ -175,6 +167,15 @@ def evaluate_pipeline(cfg: DictConfig) -> dict:
     return results
 
 
+def _query_rows(queries, idx: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray]]:
+    """Queries `idx` of a QuerySet: their user entities, seen item codes (excluded) and target codes."""
+    rows = torch.as_tensor(idx)
+    seen, targets = queries.seen.gather(rows), queries.targets.gather(rows)
+    exclude = [seen.ids[b, : seen.lengths[b]].numpy() for b in range(len(idx))]
+    wanted = [targets.ids[b, : targets.lengths[b]].numpy() for b in range(len(idx))]
+    return queries.users[rows], exclude, wanted
+
+
 def _latencies(pipe: Pipeline, queries, idx: np.ndarray, level: int, N: int, K: int) -> dict[str, dict]:
     """Per-request latency of each system's stages, one query at a time: median and p95 in ms."""
     times: dict[str, dict[str, list[float]]] = {}
@@ -183,9 +184,7 @@ def _latencies(pipe: Pipeline, queries, idx: np.ndarray, level: int, N: int, K: 
         times.setdefault(system, {}).setdefault(stage, []).append((time.perf_counter() - start) * 1e3)
 
     for q in idx:
-        users = queries.users[torch.as_tensor([q])]
-        seen = queries.seen.gather(torch.as_tensor([q]))
-        exclude = [seen.ids[0, : seen.lengths[0]].numpy()]
+        users, exclude, _ = _query_rows(queries, np.array([q]))
         t = time.perf_counter()
         enc = {role: e.encode_stored(users, level, exclude) for role, e in pipe.encoders.items()}
         encode_ms = (time.perf_counter() - t) * 1e3

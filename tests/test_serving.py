@@ -15,8 +15,8 @@ from recsys_lab.data.store import history_feature  # noqa: E402
 from recsys_lab.data.text import tokenize_texts  # noqa: E402
 from recsys_lab.serving.pipeline import Pipeline, _mmr  # noqa: E402
 from recsys_lab.serving.requests import Filters, Request, RequestError  # noqa: E402
-from recsys_lab.serving.runs import find_checkpoint, load_run  # noqa: E402
-from recsys_lab.utils.checks import ConfigError  # noqa: E402
+from recsys_lab.serving.runs import load_run  # noqa: E402
+from recsys_lab.utils.checks import ConfigError, find_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

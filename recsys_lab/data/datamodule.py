@@ -56,22 +56,20 @@ def prepared_folder(path: str | Path) -> Path:
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
-    # lazy: the serving module imports this one, and checkpoints are only read when a run is named
+    # lazy: checkpoints are only read when a run is named
     import hydra
     from omegaconf import OmegaConf
 
-    from recsys_lab.serving.runs import find_checkpoint
-    from recsys_lab.utils.checks import ConfigError, load_checkpoint
+    from recsys_lab.utils.checks import ConfigError, load_run_checkpoint
 
     if not path.exists():
         raise ConfigError(
             f"data.vocab_from={path}: no such run directory, checkpoint or prepared-data folder"
         )
-    info = load_checkpoint(str(find_checkpoint(path))).get("recsys_lab_run")
-    if info is None:
-        raise ConfigError(
-            f"data.vocab_from={path}: its checkpoint was not written by train.py (no run config)"
-        )
+    try:
+        _, _, info = load_run_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"data.vocab_from={path}: {err}") from None
     earlier = hydra.utils.instantiate(OmegaConf.create(info["config"]["data"]), _convert_="partial")
     folder = earlier.cache_path
     if not (folder / "meta.json").is_file():

@@ -400,11 +400,18 @@ class FeatureStore:
             at = (level == lvl).nonzero().squeeze(1)
             part = self.timelines[lvl].gather(users[at], n_prior[at], L, times=self.timeline_times[lvl])
             hist.ids[at], hist.lengths[at], hist.times[at] = part.ids, part.lengths, part.times
-        # entities -> codes and item features (padded positions read entity 0 and stay masked by lengths)
+        self.write_history(batch, hist)
+        return hist
+
+    def write_history(self, batch: Batch, hist: Seq) -> None:
+        """The `hist_*` features of item-entity histories (B, L): item codes (with the times) and the
+        `history_features` columns. Padded positions read entity 0 and stay masked by the lengths. Also what
+        serving writes for a request's history (`recsys_lab.serving.requests`)."""
+        if not self.gather_history:
+            return
         batch.seq[history_feature(self.item_key)] = Seq(self.item_codes(hist.ids), hist.lengths, hist.times)
         for column in self.history_features:
             batch.seq[history_feature(column)] = Seq(self.items.sparse[column][hist.ids], hist.lengths)
-        return hist
 
     def unknown_context(self, batch: Batch, users: Tensor) -> None:
         """Context of a request whose interaction has not happened yet (a ranking query, a next-item

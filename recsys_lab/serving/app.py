@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from recsys_lab.serving.pipeline import Pipeline
 from recsys_lab.serving.requests import Filters, OnlineHistories, RequestError
 from recsys_lab.serving.requests import Request as PipelineRequest
+from recsys_lab.utils.run import package_versions
 
 RawId = StrictInt | StrictStr
 Value = StrictInt | StrictFloat | StrictStr
@@ -144,7 +145,10 @@ def create_app(
     if max_concurrent < 1:
         raise ValueError(f"max_concurrent={max_concurrent}: expected a positive integer")
     slots = threading.BoundedSemaphore(max_concurrent)
-    app = FastAPI(title="recsys_lab", version=_versions()["recsys_lab"])
+    versions = package_versions(
+        {p: p for p in ("recsys_lab", "torch", "fastapi", "pytorch-lightning")} | {"faiss": "faiss-cpu"}
+    )
+    app = FastAPI(title="recsys_lab", version=versions["recsys_lab"])
     state = ServiceState(pipeline, build or _no_reload, EventLog(events_path))
     app.state.service = state
 
@@ -207,8 +211,7 @@ def create_app(
         records, unknown = [], []
         encoder = pipe.catalogue
         for e in body:
-            entities, missing = encoder.item_entities([e.item_id])
-            if missing:
+            if str(e.item_id) not in encoder.item_entity:
                 unknown.append(e.item_id)  # logged for the trainer (a new item), not in the live history
             elif e.positive:
                 state.online.add(e.user_id, e.item_id)
@@ -241,7 +244,7 @@ def create_app(
             "model_version": state.version,
             "events_logged": state.events.count,
             "events_path": str(state.events.path) if state.events.path else None,
-            "versions": _versions(),
+            "versions": versions,
         }
 
     @app.post("/reload")
@@ -261,15 +264,3 @@ def create_app(
 
 def _no_reload(**_: Any) -> Pipeline:
     raise NotImplementedError("this service was started without a pipeline builder: no reload")
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("recsys_lab", "torch", "faiss-cpu", "fastapi", "pytorch-lightning"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out

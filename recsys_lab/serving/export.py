@@ -35,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from recsys_lab.data.batch import Batch, Seq
+from recsys_lab.serving.runs import encode_items
 from recsys_lab.utils.checks import ConfigError
+from recsys_lab.utils.run import package_versions
 
 PARITY_ATOL = 1e-4  # float32: exported scores equal the trained module's within this
 FORMATS = ("onnx", "torch_export")
@@ -397,11 +399,8 @@ def catalogue(run, net: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     items = run.datamodule.prepared().items.filter(pl.col("item_id_code") > 0).sort("item_id_code")
     codes = torch.as_tensor(items["item_id_code"].to_numpy().astype(np.int64))
-    with torch.no_grad():
-        vectors = torch.cat(
-            [net.encode_item(run.store.items_batch(chunk)) for chunk in codes.split(ENCODE_CHUNK)]
-        )  # (N, D)
-    return codes.numpy(), items["item_id"].to_numpy(), vectors.numpy().astype(np.float32)
+    vectors = encode_items(net, run.store, codes, ENCODE_CHUNK)  # (N, D)
+    return codes.numpy(), items["item_id"].to_numpy(), vectors
 
 
 def index_recall(index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
@@ -533,18 +532,8 @@ def read_manifest(out: str | Path) -> dict:
 
 def versions() -> dict:
     """The library versions an export was written with (ONNX opsets and FAISS formats change with them)."""
-    import faiss
-    import onnx
-    import onnxruntime
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-    }
+    libraries = {p: p for p in ("torch", "onnx", "onnxruntime", "numpy")} | {"faiss": "faiss-cpu"}
+    return {"python": platform.python_version(), **package_versions(libraries)}
 
 
 __all__ = [

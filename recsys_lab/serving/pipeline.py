@@ -38,7 +38,7 @@ from recsys_lab.serving.requests import (
     RequestEncoder,
     RequestError,
 )
-from recsys_lab.serving.runs import LoadedRun, load_run
+from recsys_lab.serving.runs import LoadedRun, encode_items, load_run
 from recsys_lab.tasks.ranking import has_encoders
 from recsys_lab.utils.checks import ConfigError
 
@@ -121,9 +121,11 @@ class Pipeline:
             if run
         }
         self.catalogue = self.encoders["retrieval" if retrieval else "ranking"]
-        # popularity of every item code (the fallback candidates); code 0 (unknown) never recommended
-        self.popularity = base.store.item_counts.numpy().astype(np.float64)
-        self.popularity[0] = -np.inf
+        # popularity of every item code, and the codes most popular first (the fallback candidates; ties in
+        # code order; code 0, unknown, never recommended)
+        self.popularity = base.store.item_counts.numpy().astype(np.float32)
+        self.popular = np.argsort(-self.popularity, kind="stable")
+        self.popular = self.popular[self.popular != 0]
         self.item_vectors: np.ndarray | None = None
         self.index: ItemIndex | None = None
         self.tokenizer = None  # free-text search: a retrieval model that encodes text, with its tokenizer
@@ -131,7 +133,8 @@ class Pipeline:
             self.tokenizer = load_tokenizer(retrieval.datamodule.text)
         self._tokenizer_lock = threading.Lock()
         if retrieval is not None:
-            self.item_vectors = _encode_catalogue(retrieval)  # (V, D), row = item code
+            codes = torch.arange(retrieval.store.num_item_codes)
+            self.item_vectors = encode_items(retrieval.net, retrieval.store, codes)  # (V, D), row = item code
             index = index or IndexConfig()
             codes = np.arange(1, len(self.item_vectors))  # code 0 is "unknown", never a candidate
             self.index = ItemIndex(self.item_vectors[1:], codes, kind=index.kind, **index.options)
@@ -185,10 +188,11 @@ class Pipeline:
             else:  # filtered: the admissible items scored exactly (the filter may leave few of them)
                 scores[rows], codes[rows] = _exact_top(query, self.item_vectors, n, exclude, allowed)
         personal = personal | searched
-        for b in np.flatnonzero(~personal):
-            scores[b], codes[b] = _exact_top(
-                np.ones((1, 1)), self.popularity[:, None], n, [encoded.exclude[b]], allowed
-            )
+        for b in np.flatnonzero(~personal):  # the most popular admissible items, no sort per request
+            keep = np.ones(self.num_items, dtype=bool) if allowed is None else allowed.copy()
+            keep[encoded.exclude[b]] = False
+            top = self.popular[keep[self.popular]][:n]
+            scores[b, : len(top)], codes[b, : len(top)] = self.popularity[top], top
         return scores, codes, personal
 
     def _encode_texts(self, texts: list[str]) -> Tensor:
@@ -236,9 +240,7 @@ class Pipeline:
     def recommend(self, request: Request) -> Recommendation:
         """The k best items for one request through every configured stage (see the module docstring)."""
         t0 = time.perf_counter()
-        # category and range filters restrict the catalogue; excluded ids alone are exclusions the index handles
-        only_excluded = not (request.filters.include or request.filters.ranges)
-        allowed = None if only_excluded else self.catalogue.allowed(request.filters)
+        allowed = self.catalogue.allowed(request.filters)
         encoded = {role: enc.encode([request], self.exclude_seen) for role, enc in self.encoders.items()}
         first = encoded["retrieval" if self.retrieval else "ranking"]
         timings = {"encode": _ms(t0)}
@@ -342,17 +344,6 @@ def _ranker_graph(ranking: LoadedRun | None, folder: str, int8: bool):
             f"({manifest['graph'].get('part')}), not the ranker of ranking_run's {ranking.checkpoint}"
         )
     return Exported.from_dir(folder, int8=int8, threads=1)
-
-
-@torch.no_grad()
-def _encode_catalogue(run: LoadedRun, chunk: int = 65536) -> np.ndarray:
-    """encode_item of every item code 0..V-1 in chunks: (V, D) float32."""
-    V = run.store.num_item_codes
-    parts = [
-        run.net.encode_item(run.store.items_batch(torch.arange(s, min(s + chunk, V))))
-        for s in range(0, V, chunk)
-    ]
-    return torch.cat(parts).float().numpy()
 
 
 def _exact_top(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from recsys_lab.data.batch import Batch, Seq
-from recsys_lab.data.store import LEVELS, FeatureStore, history_feature
+from recsys_lab.data.store import LEVELS, FeatureStore
 
 
 class RequestError(ValueError):
@@ -137,6 +137,7 @@ class RequestEncoder:
             if code > 0:
                 self.code_raw[code] = self.items_raw[entity]
         self._vocab = {c: {v: i + 1 for i, v in enumerate(vs)} for c, vs in self.meta.vocabularies.items()}
+        self._raw_numeric: dict[str, np.ndarray] = {}
 
     # ---- ids ----------------------------------------------------------------------------------------------
     def item_entities(self, raw: Sequence[Any]) -> tuple[list[int], list[Any]]:
@@ -179,16 +180,21 @@ class RequestEncoder:
         raise RequestError(f"'{column}' is a {f.kind} feature: requests can set categorical or numeric ones")
 
     def raw_numeric(self, column: str) -> np.ndarray:
-        """A numeric item column per item code in raw units (the standardisation undone): range filters."""
-        stats = self.meta.normalisers[column]
-        z = self.store.items.dense[column][self.store.item_entity].numpy().astype(np.float64)
-        x = z * stats["std"][0] + stats["mean"][0]
-        return np.expm1(x) if stats.get("log1p") else x
+        """A numeric item column per item code in raw units (the standardisation undone): range filters.
+        Computed once per column (read-only afterwards, so safe across request threads)."""
+        if column not in self._raw_numeric:
+            stats = self.meta.normalisers[column]
+            z = self.store.items.dense[column][self.store.item_entity].numpy().astype(np.float64)
+            x = z * stats["std"][0] + stats["mean"][0]
+            self._raw_numeric[column] = np.expm1(x) if stats.get("log1p") else x
+        return self._raw_numeric[column]
 
     # ---- filters -------------------------------------------------------------------------------------------
     def allowed(self, filters: Filters) -> np.ndarray | None:
-        """bool (V,): the item codes the filters admit (code 0 never); None when there is no filter."""
-        if not filters:
+        """bool (V,): the item codes the category and range filters admit (code 0 never); None when there are
+        none. Excluded ids are not here: they join each request's exclusions (`encode`), which every retrieval
+        path filters, the index's included."""
+        if not (filters.include or filters.ranges):
             return None
         ok = np.ones(self.store.num_item_codes, dtype=bool)
         ok[0] = False
@@ -212,8 +218,6 @@ class RequestEncoder:
             if high is not None:
                 high = _number(f"filters.ranges.{column}", high)
                 ok &= values <= high + 1e-5 * max(1.0, abs(high))
-        codes, _ = self.item_codes(filters.exclude_items)
-        ok[codes] = False
         return ok
 
     # ---- batches ------------------------------------------------------------------------------------------
@@ -260,13 +264,8 @@ class RequestEncoder:
             recent = h[-L:]  # the L most recent, most recent last (the timelines' order)
             ids[b, : len(recent)] = torch.tensor(recent, dtype=torch.long)
             lengths[b] = len(recent)
-        history = Seq(ids, lengths)
-        if store.gather_history:  # what `FeatureStore._history_part` writes, from these entities
-            batch.seq[history_feature(store.item_key)] = Seq(
-                store.item_codes(ids), lengths, torch.zeros_like(ids)
-            )
-            for column in store.history_features:
-                batch.seq[history_feature(column)] = Seq(store.items.sparse[column][ids], lengths)
+        history = Seq(ids, lengths, torch.zeros_like(ids))  # no times: the request is now
+        store.write_history(batch, history)
         return EncodedRequests(batch, history, known, unknown_items, exclude, [r.text for r in requests])
 
     def encode_stored(self, users: Tensor, level: int, exclude: list[np.ndarray]) -> EncodedRequests:

@@ -9,18 +9,19 @@ cache read, not a preparation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.store import FeatureStore
-from recsys_lab.utils.checks import ConfigError, load_checkpoint
+from recsys_lab.utils.checks import load_run_checkpoint
 
 
 @dataclass
@@ -71,28 +72,12 @@ class LoadedRun:
         }
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint of a run: the path itself if it is a file, else the run's best checkpoint (results.json's
-    `best_checkpoint`), else its `checkpoints/last.ckpt`. ConfigError naming the path when there is none."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise ConfigError(f"run {path}: no such run directory or checkpoint file")
-    results = path / "results.json"
-    if results.is_file():
-        best = json.loads(results.read_text()).get("best_checkpoint")
-        if best and Path(best).is_file():
-            return Path(best)
-        if best and (path / "checkpoints" / Path(best).name).is_file():  # a run dir that was moved
-            return path / "checkpoints" / Path(best).name
-    last = path / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last
-    raise ConfigError(
-        f"run {path}: no checkpoint (neither results.json's best_checkpoint nor checkpoints/last.ckpt); "
-        "train with the default callbacks, which save one"
-    )
+@torch.no_grad()
+def encode_items(net: nn.Module, store: FeatureStore, codes: torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """`net.encode_item` of item codes (N,) from the store's item features, `chunk` items per call: the
+    catalogue an index (serving) or an export holds, float32 (N, D)."""
+    parts = [net.encode_item(store.items_batch(part)) for part in codes.split(chunk)]
+    return torch.cat(parts).float().numpy()
 
 
 def load_run(path: str | Path, data_dir: str | None = None) -> LoadedRun:
@@ -104,13 +89,7 @@ def load_run(path: str | Path, data_dir: str | None = None) -> LoadedRun:
     """
     from recsys_lab.train import build  # train imports the whole lab; serving modules stay importable alone
 
-    ckpt_path = find_checkpoint(path)
-    checkpoint = load_checkpoint(str(ckpt_path))
-    info = checkpoint.get("recsys_lab_run")
-    if info is None:
-        raise ConfigError(
-            f"run {path}: {ckpt_path} was not written by recsys_lab's train.py (no run metadata)"
-        )
+    ckpt_path, checkpoint, info = load_run_checkpoint(path)
     cfg = OmegaConf.create(info["config"])
     cfg.train = False  # no optimizer is built: nothing trains here
     if data_dir is not None:

@@ -4,6 +4,7 @@ unwritable output folders, and the message `train.py` prints instead of a traceb
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,42 @@ def load_checkpoint(path: str) -> dict:
             f"ckpt_path={path}: not a readable checkpoint ({type(err).__name__}: the file is truncated, corrupt "
             "or not a PyTorch Lightning checkpoint written by train.py)"
         ) from None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint of a run: the path itself if it is a file, else the run's best checkpoint (results.json's
+    `best_checkpoint`), else its `checkpoints/last.ckpt`. ConfigError naming the path when there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"run {path}: no such run directory or checkpoint file")
+    results = path / "results.json"
+    if results.is_file():
+        best = json.loads(results.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return Path(best)
+        if best and (path / "checkpoints" / Path(best).name).is_file():  # a run dir that was moved
+            return path / "checkpoints" / Path(best).name
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    raise ConfigError(
+        f"run {path}: no checkpoint (neither results.json's best_checkpoint nor checkpoints/last.ckpt); "
+        "train with the default callbacks, which save one"
+    )
+
+
+def load_run_checkpoint(path: str | Path) -> tuple[Path, dict, dict]:
+    """A run directory's (or checkpoint file's) checkpoint written by train.py: the file, the checkpoint and
+    its run metadata (the resolved config, git commit, data fingerprint); ConfigError naming the path if there
+    is none or it was not written by train.py."""
+    file = find_checkpoint(path)
+    checkpoint = load_checkpoint(str(file))
+    info = checkpoint.get("recsys_lab_run")
+    if info is None:
+        raise ConfigError(f"run {path}: {file} was not written by recsys_lab's train.py (no run metadata)")
+    return file, checkpoint, info
 
 
 def user_error_message(err: BaseException) -> str | None:

@@ -92,6 +92,20 @@ def monitor_mode(trainer: pl.Trainer, monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+def package_versions(packages: dict[str, str]) -> dict[str, str]:
+    """{label: the installed version of its distribution} ("not installed" when missing): what a service or an
+    export records about the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for label, distribution in packages.items():
+        try:
+            out[label] = version(distribution)
+        except PackageNotFoundError:
+            out[label] = "not installed"
+    return out
+
+
 def git_commit() -> str:
     """HEAD of the code's repository, with '+dirty' when there are uncommitted changes; 'unknown' outside git."""
     root = Path(__file__).resolve().parents[2]

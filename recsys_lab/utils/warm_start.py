@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recsys_lab.utils.checks import ConfigError, load_checkpoint
+from recsys_lab.utils.checks import ConfigError, find_checkpoint, load_checkpoint
 
 
 class WarmStartError(ConfigError):
@@ -77,8 +77,6 @@ def warm_start(model: nn.Module, earlier: dict[str, Tensor]) -> dict[str, list[s
 
 def checkpoint_file(path: str | Path) -> Path:
     """The checkpoint `init_from` names: a file as it is, a run directory's best (else last) checkpoint."""
-    from recsys_lab.serving.runs import find_checkpoint  # the one place that knows a run directory's layout
-
     try:
         return find_checkpoint(path)
     except ConfigError as err:
