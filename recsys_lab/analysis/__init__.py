@@ -1,0 +1,1 @@
+"""The research workflow after training: statistics across runs, plots, explanations."""
