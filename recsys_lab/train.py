@@ -18,6 +18,8 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_lab.analysis.evaluation import EvaluationSpec
+from recsys_lab.analysis.report import environment, log_to_loggers, save_analysis
 from recsys_lab.data.datamodule import RecDataModule
 from recsys_lab.modules.embeddings import check_hashed_features
 from recsys_lab.modules.finetune import parameter_counts
@@ -76,6 +78,11 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
         reads_features=getattr(net, "reads_features", True),
     )
     task.connect(view.eval_context())
+    if (
+        cfg.get("evaluation") is not None
+    ):  # the test stage's extras: beyond accuracy, slices, per-query values
+        spec = EvaluationSpec.from_config(cfg.evaluation)
+        task.configure_analysis(spec, datamodule.analysis_data(spec))
     if cfg.get("train", True):  # train=false (zero-shot, test only) builds no optimizer
         check_optimizer(task)
     return datamodule, task
@@ -159,11 +166,18 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         else None,
         "output_dir": str(output_dir),
     }
+    results["environment"] = environment(cfg.trainer.get("deterministic"))
+    results["history"] = clock.epochs
+    if task.analysis is not None:
+        results["evaluation"] = task.analysis.spec.describe()
     if cfg.get("repro") is not None:  # a published setup (conf/experiment/repro): expected vs obtained
         results["reproduction"] = check_reproduction(
             cfg.repro, metrics, cfg.get("protocol_preset"), config=cfg
         )
     if trainer.is_global_zero:  # under DDP every rank gets the same synced metrics; one writes them
+        if task.analysis is not None and task.analysis.results:
+            results["files"] = save_analysis(task.analysis, output_dir, clock.epochs)
+            log_to_loggers(loggers, results["files"])
         write_results(results, output_dir)
         print_reproduction(results.get("reproduction"))
     return results

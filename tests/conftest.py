@@ -39,6 +39,9 @@ def compose_cfg(overrides: list[str], root: Path, data_dir: Path, out: Path) -> 
         cfg.paths.output_dir = str(out)
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.job.num = 0
+        # plots cost about a second a run: only the tests of the plots (which ask for them) draw any
+        if cfg.get("evaluation") is not None and not any(o.startswith("evaluation") for o in overrides):
+            cfg.evaluation.plots = False
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra  # train.py's cfg has no hydra node either

@@ -85,6 +85,8 @@ class Batch:
         text: token tensors for language models, int64 [B, T] ("input_ids", "attention_mask", ...).
         targets: position-wise targets aligned with a seq feature (`PositionTargets`, [B, L]).
         eval: ranking-evaluation targets of query batches (`EvalTargets`), None for training batches.
+        rows: int64 [B], the interaction row of each batch row, on evaluation batches of logged impressions
+            (the test analysis reads the row's user, item and history length); None elsewhere.
     """
 
     sparse: dict[str, Tensor] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class Batch:
     text: dict[str, Tensor] = field(default_factory=dict)
     targets: dict[str, PositionTargets] = field(default_factory=dict)
     eval: EvalTargets | None = None
+    rows: Tensor | None = None
 
     def __len__(self) -> int:
         first = next(_tensors(self), None)

@@ -367,6 +367,18 @@ class RecDataModule(pl.LightningDataModule):
         if self.negatives is not None and "negatives" in state_dict:
             self.negatives.load_state_dict(state_dict["negatives"])
 
+    # ---- what the test analysis reads (recsys_lab.analysis.evaluation) ---------------------------------------
+    def analysis_data(self, spec):
+        """Slices, popularity and content tables of this data for the test analysis (`evaluation` config),
+        read from the full feature store (every feature, whatever the model reads)."""
+        import polars
+
+        from recsys_lab.analysis.evaluation import build_analysis_data
+
+        self.setup()
+        users_raw = self.prepared().users["user_id"].cast(polars.Utf8).to_list()
+        return build_analysis_data(self.store, users_raw, spec)
+
     # ---- what the results table reads ----------------------------------------------------------------------
     def describe(self) -> dict:
         """Every protocol choice and count, for the logged config and the results table."""

@@ -122,6 +122,11 @@ class PairBuilder:
         return self._stores[device].pairs(users.to(device), STAGES[stage] - 1, codes)
 
 
+def _with_rows(batch: Batch, rows: Tensor) -> Batch:
+    batch.rows = rows
+    return batch
+
+
 @dataclass
 class EvalContext:
     """Everything a task needs to score a view's validation/test batches, handed over once.
@@ -164,7 +169,7 @@ class View:
             queries, level = self.data.queries[stage], STAGES[stage] - 1
             return Rows(len(queries), lambda i: self.store.query_batch(queries.eval_targets(i), level))
         rows = self.data.rows[stage]
-        return Rows(len(rows), lambda i: self.store.impressions(rows[i]))
+        return Rows(len(rows), lambda i: _with_rows(self.store.impressions(rows[i]), rows[i]))
 
     def eval_context(self) -> EvalContext:
         num_items = self.store.num_item_codes

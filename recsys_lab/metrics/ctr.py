@@ -40,9 +40,6 @@ def _exact_scores(preds: Tensor) -> Tensor:
 def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     """Impression-weighted mean of per-group ROC AUC over groups that hold both classes (nan if none).
 
-    Vectorized Mann–Whitney U: sort by (group, score), give tied scores within a group their average rank
-    (as `sklearn.metrics.roc_auc_score` does), and sum the positives' ranks per group with `scatter_add`.
-
     Args:
         preds: float [M], any score monotone in the predicted probability (logits are fine).
         target: [M], 0/1 labels.
@@ -50,6 +47,23 @@ def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     """
     if preds.numel() == 0:
         return torch.tensor(float("nan"), device=preds.device)
+    _, auc, n_total = per_group_auc(preds, target, groups)
+    valid = ~torch.isnan(auc)  # AUC is undefined for a single-class group
+    if not bool(valid.any()):
+        return torch.tensor(float("nan"), device=preds.device)
+    # float64 for the weighted sum; the result is float32 like the other metrics.
+    weight = n_total[valid].double()  # (G',)
+    return ((auc[valid] * weight).sum() / weight.sum()).float()
+
+
+def per_group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each group's ROC AUC: (group values int64 [G] ascending, AUC float64 [G], impressions int64 [G]); the
+    AUC is nan for a group whose labels hold a single class.
+
+    Vectorized Mann–Whitney U: sort by (group, score), give tied scores within a group their average rank
+    (as `sklearn.metrics.roc_auc_score` does), and sum the positives' ranks per group with `scatter_add`.
+    preds: float [M] (M > 0); target: 0/1 [M]; groups: int64 [M].
+    """
     # Two stable sorts give a lexicographic (group, score) order without packing both into one key.
     order = torch.argsort(preds, stable=True)  # (M,)
     order = order[torch.argsort(groups[order], stable=True)]  # (M,)
@@ -76,13 +90,9 @@ def group_auc(preds: Tensor, target: Tensor, groups: Tensor) -> Tensor:
     n_neg = n_total - n_pos
     twice_u = twice_rank_sum - n_pos * (n_pos + 1)  # (G,): 2 * Mann–Whitney U of the positives
 
-    valid = (n_pos > 0) & (n_neg > 0)  # AUC is undefined for a single-class group
-    if not bool(valid.any()):
-        return torch.tensor(float("nan"), device=preds.device)
-    # float64 for the ratio and the weighted sum; the result is float32 like the other metrics.
-    auc = twice_u[valid].double() / (2 * n_pos[valid] * n_neg[valid]).double()  # (G',)
-    weight = n_total[valid].double()  # (G',)
-    return ((auc * weight).sum() / weight.sum()).float()
+    valid = (n_pos > 0) & (n_neg > 0)
+    auc = twice_u.double() / (2 * n_pos * n_neg).clamp(min=1).double()  # (G,)
+    return group[group_start], torch.where(valid, auc, float("nan")), n_total
 
 
 class GroupAUC(Metric):

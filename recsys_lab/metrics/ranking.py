@@ -275,8 +275,36 @@ class FullRankingMetrics(Metric):
         self.add_state("mrr_sum", default=torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
+    @property
+    def names(self) -> list[str]:
+        """The metric names in the column order of `per_query`: recall, ndcg, hit, precision and mrr at each k,
+        then the untruncated mrr."""
+        return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+
     def update(self, scores: Tensor, target: Tensor) -> None:
         """Add a batch of queries. scores: float [B, N]; target: bool [B, N]."""
+        self.update_values(self.per_query(scores, target))
+
+    def update_values(self, values: Tensor) -> None:
+        """Add queries whose metrics `per_query` already computed: float64 [B, 5 * n_ks + 1]."""
+        if values.shape[0] == 0:
+            return
+        n_ks = len(self.ks)
+        sums = values.sum(dim=0)  # (5 * n_ks + 1,)
+        by_family = sums[:-1].view(n_ks, 5)  # (n_ks, 5): recall, ndcg, hit, precision, mrr@k
+        self.recall_sum += by_family[:, 0].to(self.recall_sum.dtype)
+        self.ndcg_sum += by_family[:, 1].to(self.ndcg_sum.dtype)
+        self.hit_sum += by_family[:, 2].to(self.hit_sum.dtype)
+        self.precision_sum += by_family[:, 3].to(self.precision_sum.dtype)
+        self.mrr_at_k_sum += by_family[:, 4].to(self.mrr_at_k_sum.dtype)
+        self.mrr_sum += sums[-1].to(self.mrr_sum.dtype)
+        self.count += values.shape[0]
+
+    def per_query(self, scores: Tensor, target: Tensor) -> Tensor:
+        """Every metric of every query, float64 [B, 5 * n_ks + 1], columns named by `names`; the metric is the
+        mean of these rows (what paired significance tests and slices are computed from). Updates nothing.
+
+        scores: float [B, N]; target: bool [B, N]."""
         if scores.ndim != 2 or scores.shape != target.shape:
             raise ValueError(
                 f"scores and target must both be [B, N]; got {tuple(scores.shape)} and {tuple(target.shape)}"
@@ -287,7 +315,7 @@ class FullRankingMetrics(Metric):
             raise ValueError(f"scores must be a float tensor, got {scores.dtype}")
         num_items = scores.shape[1]
         if scores.shape[0] == 0:
-            return
+            return scores.new_zeros((0, 5 * len(self.ks) + 1), dtype=torch.float64)
         if torch.isnan(scores).any():
             raise ValueError("scores contain NaN; ranking would be undefined")
 
@@ -323,10 +351,10 @@ class FullRankingMetrics(Metric):
         ideal_len = torch.minimum(num_relevant.unsqueeze(1), cut.unsqueeze(0))  # (B, n_ks), >= 1
         idcg_at_k = cum_discount[ideal_len]  # (B, n_ks)
 
-        self.recall_sum += (hits_at_k / num_relevant.unsqueeze(1)).sum(dim=0).to(self.recall_sum.dtype)
-        self.precision_sum += (hits_at_k / cut).sum(dim=0).to(self.precision_sum.dtype)
-        self.hit_sum += _expected_hit(a, t, w, cut).sum(dim=0).to(self.hit_sum.dtype)
-        self.ndcg_sum += (dcg_at_k / idcg_at_k).sum(dim=0).to(self.ndcg_sum.dtype)
+        recall = hits_at_k / num_relevant.unsqueeze(1)  # (B, n_ks)
+        precision = hits_at_k / cut  # (B, n_ks)
+        hit = _expected_hit(a, t, w, cut)  # (B, n_ks)
+        ndcg = dcg_at_k / idcg_at_k  # (B, n_ks)
 
         # MRR over the full catalogue from the best relevant score's tie group, without sorting the row.
         best_relevant = relevant_scores.new_full((scores.shape[0],), float("-inf"))  # (B,)
@@ -345,12 +373,13 @@ class FullRankingMetrics(Metric):
         reciprocal_rank = _expected_reciprocal_rank(a_best, t_best, r_best)  # (B,)
         # A query whose relevant items are all masked has no rank: it contributes 0.
         reciprocal_rank = torch.where(best_relevant > float("-inf"), reciprocal_rank, 0.0)
-        self.mrr_sum += reciprocal_rank.sum().to(self.mrr_sum.dtype)
         # MRR@k from the same group: only its first k - a positions can count.
         truncated = _expected_truncated_reciprocal_rank(a_best, t_best, r_best, cut)  # (B, n_ks)
         truncated = torch.where((best_relevant > float("-inf")).unsqueeze(1), truncated, 0.0)
-        self.mrr_at_k_sum += truncated.sum(dim=0).to(self.mrr_at_k_sum.dtype)
-        self.count += scores.shape[0]
+        per_k = torch.stack([recall, ndcg, hit, precision, truncated], dim=2)  # (B, n_ks, 5)
+        return torch.cat(
+            [per_k.flatten(1), reciprocal_rank.unsqueeze(1)], dim=1
+        ).double()  # (B, 5 * n_ks + 1)
 
     def compute(self) -> dict[str, Tensor]:
         """Means over all queries seen: keys `recall@{k}`, `precision@{k}`, `ndcg@{k}`, `hit@{k}`, `mrr@{k}`

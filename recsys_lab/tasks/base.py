@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import pytorch_lightning as pl
 from torch import Tensor, nn
 
+from recsys_lab.analysis.evaluation import AnalysisData, EvaluationSpec, TestAnalysis
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import EvalContext, View
@@ -52,11 +53,18 @@ class RecTask(pl.LightningModule):
         except ValueError as err:
             raise ValueError(f"model.ks={list(ks) if isinstance(ks, Sequence) else ks}: {err}") from None
         self.context: EvalContext | None = None
+        self.analysis: TestAnalysis | None = None
 
     # ---- the data contract -------------------------------------------------------------------------------
     def connect(self, context: EvalContext) -> None:
         """How validation/test batches are scored (from the view); call once before fitting or testing."""
         self.context = context
+
+    def configure_analysis(self, spec: EvaluationSpec, data: AnalysisData) -> None:
+        """What the test stage reports besides accuracy (`evaluation` config); after `connect`."""
+        self.analysis = TestAnalysis(
+            spec, data, self.evaluation, self.ranking.ks, self.ranking.per_query_names
+        )
 
     @property
     def evaluation(self) -> str:
@@ -111,14 +119,24 @@ class RecTask(pl.LightningModule):
 
     def evaluate_batch(self, batch: Batch, stage: str) -> None:
         """Score one validation/test batch and update the stage's metrics."""
+        analysis = self.analysis if stage == "test" else None
         if self.evaluation == "ranking":
-            self.ranking.step(self.net, batch, stage, self.context.pairs, self.context.num_items)
+            self.ranking.step(self.net, batch, stage, self.context.pairs, self.context.num_items, analysis)
         else:
             self.evaluate_impressions(batch, stage)
 
     def end_evaluation(self, stage: str) -> dict[str, Tensor]:
         """The stage's metrics (keys without the stage prefix); resets them for the next epoch."""
-        return self.ranking.end(stage) if self.evaluation == "ranking" else self.end_impressions(stage)
+        values = self.ranking.end(stage) if self.evaluation == "ranking" else self.end_impressions(stage)
+        if stage == "test" and self.analysis is not None:
+            values |= self.analysis.end()
+        return values
+
+    def analyse_impressions(self, batch: Batch, stage: str, logits: Tensor, labels: Tensor) -> None:
+        """Hand a test batch of impressions to the analysis (subclasses call it from `evaluate_impressions`
+        with the logits and labels of their headline label)."""
+        if stage == "test" and self.analysis is not None and batch.rows is not None:
+            self.analysis.impression_step(batch.rows, logits, labels)
 
     def evaluate_impressions(self, batch: Batch, stage: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} evaluates ranking queries only")

@@ -76,6 +76,7 @@ class CTRTask(RecTask):
     def evaluate_impressions(self, batch: Batch, stage: str) -> None:
         logits = self.net(batch)
         self.metrics[stage].update(logits, batch.labels[self.label], batch.sparse[self.schema.user_id])
+        self.analyse_impressions(batch, stage, logits, batch.labels[self.label])
 
     def end_impressions(self, stage: str) -> dict[str, Tensor]:
         values = self.metrics[stage].compute()

@@ -142,6 +142,8 @@ class MultiTaskTask(RecTask):
         users = batch.sparse[self.schema.user_id]
         for t, metrics in zip(self.labels, self.metrics[stage], strict=True):
             metrics.update(heads[t], batch.labels[t], users)
+        # the analysis (calibration, slices, per-user values) reads the first label's head, the headline one
+        self.analyse_impressions(batch, stage, heads[self.labels[0]], batch.labels[self.labels[0]])
 
     def end_impressions(self, stage: str) -> dict[str, Tensor]:
         values = {}

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from recsys_lab.analysis.evaluation import TestAnalysis
 from recsys_lab.data.batch import Batch
 from recsys_lab.data.views import EvalContext, PairBuilder
 from recsys_lab.metrics import FullRankingMetrics
@@ -80,8 +81,13 @@ class RankingEvaluation(nn.Module):
         self.pair_chunk, self.item_chunk = pair_chunk, item_chunk
         self._items: Tensor | None = None
 
+    @property
+    def per_query_names(self) -> list[str]:
+        """The ranking metrics in the column order of `FullRankingMetrics.per_query`."""
+        return self.metrics["val"].names
+
     def metric_names(self) -> list[str]:
-        names = [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+        names = self.per_query_names
         return names + ([f"cold/{n}" for n in names] if self.first_cold_item is not None else [])
 
     @torch.no_grad()
@@ -147,10 +153,25 @@ class RankingEvaluation(nn.Module):
         return scores[:, :V], relevant[:, :V]
 
     def step(
-        self, net: nn.Module, batch: Batch, stage: str, pairs: PairBuilder | None, num_items: int
+        self,
+        net: nn.Module,
+        batch: Batch,
+        stage: str,
+        pairs: PairBuilder | None,
+        num_items: int,
+        analysis: TestAnalysis | None = None,
     ) -> None:
+        """Score a query batch into the stage's metrics (and into `analysis`, the test stage's extras)."""
         scores, relevant = self.scores(net, batch, stage, pairs, num_items)
-        self.metrics[stage].update(scores, relevant)
+        metric = self.metrics[stage]
+        if analysis is None:
+            metric.update(scores, relevant)
+        else:
+            values = metric.per_query(scores, relevant)  # (B, M): the metrics of each query
+            metric.update_values(values)
+            cands = batch.eval.candidates
+            codes = cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
+            analysis.ranking_step(metric.per_query, batch, scores, relevant, codes, values)
         if self.first_cold_item is not None:
             self._update_cold(batch, stage, scores, relevant)
 

@@ -87,8 +87,9 @@ class RunCheckpoint(ModelCheckpoint):
 
 class TrainingClock(pl.Callback):
     """Wall-clock of a fit: seconds of training per epoch (validation excluded), the validation metrics after
-    each epoch with the time they were reached, and from those the seconds to the best epoch and to a target
-    value — the time-to-quality figures of the README, written into `results.json` as `timing`."""
+    each epoch with the time they were reached, the epoch's last logged training values (`train/loss`), and
+    from those the seconds to the best epoch and to a target value — the time-to-quality figures of the
+    README, written into `results.json` as `timing` (the epochs themselves as `history`)."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
@@ -130,6 +131,9 @@ class TrainingClock(pl.Callback):
             self.epochs.append(
                 {"epoch": trainer.current_epoch, "train_seconds": self._train_seconds, "elapsed": elapsed}
             )
+        # the epoch's last logged training values (the training curves of the run's plots)
+        train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.epochs[-1].update(train)
 
     def summary(
         self, monitor: str, mode: str = "max", target: dict[str, float] | None = None

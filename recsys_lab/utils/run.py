@@ -141,8 +141,13 @@ def print_results(results: dict) -> None:
     table = Table(title=f"results: {results.get('model')} ({results.get('task')})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    sliced: dict[str, dict[str, float]] = {}  # "test/slice/<grouping>/<group>" -> {metric: value}
     for key, value in sorted(results["metrics"].items()):
-        table.add_row(key, f"{value:.4f}")
+        if "/slice/" in key:
+            row, metric = key.rsplit("/", 1)
+            sliced.setdefault(row, {})[metric] = value
+        else:
+            table.add_row(key, f"{value:.4f}")
     protocol = Table(title="protocol")
     protocol.add_column("key")
     protocol.add_column("value")
@@ -154,4 +159,29 @@ def print_results(results: dict) -> None:
         protocol.add_row(key, str(results.get(key)))
     console = Console(width=120)
     console.print(table)
+    if sliced:
+        console.print(_slice_table(sliced))
     console.print(protocol)
+
+
+def _slice_table(sliced: dict[str, dict[str, float]]):
+    """The slices as one row per group (the size first, then each metric), in the order they were logged."""
+    from rich.table import Table
+
+    metrics = list(dict.fromkeys(m for values in sliced.values() for m in values))
+    sizes = [m for m in metrics if m in ("queries", "impressions")]
+    table = Table(title="slices (test/slice/<grouping>/<group>; gaps are test/gap/...)")
+    table.add_column("grouping / group")
+    for metric in sizes + [m for m in metrics if m not in sizes]:
+        table.add_column(metric, justify="right")
+    for row, values in sliced.items():
+        cells = [values.get(m) for m in sizes + [m for m in metrics if m not in sizes]]
+        name = row.split("/slice/", 1)[1]
+        table.add_row(
+            name,
+            *[
+                "" if v is None else f"{v:.0f}" if m in sizes else f"{v:.4f}"
+                for m, v in zip(sizes + [m for m in metrics if m not in sizes], cells, strict=True)
+            ],
+        )
+    return table

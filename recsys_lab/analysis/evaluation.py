@@ -1,0 +1,596 @@
+"""What the test stage reports besides accuracy: beyond-accuracy metrics, slices and fairness gaps, per-query
+values, metric@K curves and the data behind the end-of-run plots (`conf/evaluation/*`, key `evaluation`).
+
+Metric sets (`evaluation.metric_sets`), each logged as `test/...` like the accuracy metrics:
+
+- `beyond_accuracy` (ranking): coverage, Gini of exposure, popularity, novelty and intra-list diversity of the
+  top-k lists at every k of `model.ks` (`recsys_lab.metrics.beyond`);
+- `calibration` (impressions): the expected calibration error `test/ece` (torchmetrics'
+  `BinaryCalibrationError`, equal-width bins, L1) of the predicted click probabilities;
+- `slices`: every metric on groups of queries (ranking) or impressions (CTR), logged as
+  `test/slice/<grouping>/<group>/<metric>` with the group's size (`.../queries` or `.../impressions`), and
+  the fairness gap `test/gap/<grouping>/<metric>` = the largest minus the smallest group value among groups
+  of at least `min_group_size`. Groupings:
+  * `user_history`: users by the length of their history before the period (`history_bins`; the short end
+    is the cold-start users);
+  * `item_popularity`: head / torso / tail items by training popularity (`popularity_bands`: the catalogue
+    sorted by training positives, head = the first share, torso = up to the second, tail = the rest, items
+    never seen in training included);
+  * `item_cold`: warm / cold items (`data.cold_items`: items without a training interaction);
+  * `user:<column>` / `item:<column>`: the values of categorical user or item columns
+    (`slice_columns`; `auto` = every user-side categorical column with at most `max_slice_groups` values).
+
+  A user grouping partitions the queries, so the query-weighted mean of its groups is the overall metric. An
+  item grouping restricts each query to its targets in the group — the query's other targets are taken out of
+  the ranking, as the cold-start slice does — so a query whose targets fall in several groups counts once in
+  each; with one target per query (leave-one-out) the item groupings partition the queries too.
+
+`per_query` keeps every test query's metric values (and the CTR runs' per-user AUC and log loss) for
+`per_query.parquet`, the input of the paired significance tests of `scripts/compare.py`; `curves_max_k` adds
+metric@K for K = 1..max at test (the metric@K plot). Analysis runs on the test stage only: validation stays
+what model selection reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryCalibrationError
+
+from recsys_lab.metrics.beyond import BeyondAccuracy
+from recsys_lab.metrics.ctr import per_group_auc
+from recsys_lab.metrics.ranking import FullRankingMetrics
+
+METRIC_SETS = ("beyond_accuracy", "calibration", "slices")
+UNKNOWN = "(unknown)"
+
+
+# ---- the config -------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationSpec:
+    """`evaluation.*` (see the module docstring and conf/evaluation/default.yaml)."""
+
+    metric_sets: tuple[str, ...] = METRIC_SETS
+    per_query: bool = True
+    plots: bool = True
+    curves_max_k: int = 100
+    history_bins: tuple[int, ...] = (5, 20)
+    popularity_bands: tuple[float, float] = (0.2, 0.8)
+    slice_columns: tuple[str, ...] | str = "auto"
+    max_slice_groups: int = 25
+    min_group_size: int = 10
+    slice_metrics: tuple[str, ...] | None = None
+    category: str | None = "auto"
+    item_vectors: str | None = "auto"
+    calibration_bins: int = 15
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EvaluationSpec:
+        """The spec from `cfg.evaluation` (None: the defaults); a ValueError names a wrong key or value."""
+        if cfg is None:
+            return cls()
+        values = (
+            OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+        )
+        if not isinstance(values, dict):
+            raise ValueError(f"evaluation must be a mapping of options, got {values!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"evaluation.{unknown[0]} is not an option; options are {sorted(known)}")
+        spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        bad = [m for m in self.metric_sets if m not in METRIC_SETS]
+        if bad:
+            raise ValueError(
+                f"evaluation.metric_sets: {bad[0]!r} is not a metric set; choose from {list(METRIC_SETS)}"
+            )
+        bins = list(self.history_bins)
+        if any(not isinstance(b, int) or b < 0 for b in bins) or bins != sorted(set(bins)):
+            raise ValueError(f"evaluation.history_bins must be increasing non-negative ints, got {bins}")
+        bands = list(self.popularity_bands)
+        if len(bands) != 2 or not 0 < bands[0] < bands[1] < 1:
+            raise ValueError(
+                f"evaluation.popularity_bands must be [head, head+torso] with 0 < a < b < 1, got {bands}"
+            )
+        if not isinstance(self.curves_max_k, int) or self.curves_max_k < 0:
+            raise ValueError(
+                f"evaluation.curves_max_k must be an int >= 0 (0: no curves), got {self.curves_max_k!r}"
+            )
+        for key in ("max_slice_groups", "min_group_size", "calibration_bins"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"evaluation.{key} must be a positive int, got {value!r}")
+
+    def wants(self, metric_set: str) -> bool:
+        return metric_set in self.metric_sets
+
+    def describe(self) -> dict:
+        """What is printed with the results and stored in results.json."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+# ---- the data the analysis reads ---------------------------------------------------------------------------
+@dataclass
+class Grouping:
+    """One way of slicing: a group code per user entity, per item code or per history length.
+
+    side: "user" (codes index user entities), "item" (codes index item codes) or "history" (codes index history
+    lengths, clamped to the last entry); labels[c] names group c.
+    """
+
+    name: str
+    side: str
+    codes: Tensor
+    labels: list[str]
+
+
+@dataclass
+class AnalysisData:
+    """What the analysis needs of a dataset, built once by the DataModule (`RecDataModule.analysis_data`).
+
+    users_raw: raw id of every user entity; item_counts: float [V] training positives per item code;
+    groupings: the slices; categories [V, G] / vectors [V, D]: per item code, for intra-list diversity (None
+    when the data has no such column), with their column names; row_user / row_item_code / row_history: per
+    interaction row, its user entity, item code and positives before it (impression analysis).
+    """
+
+    users_raw: list[str]
+    item_counts: Tensor
+    groupings: list[Grouping] = field(default_factory=list)
+    categories: Tensor | None = None
+    category_column: str | None = None
+    vectors: Tensor | None = None
+    vector_column: str | None = None
+    row_user: Tensor | None = None
+    row_item_code: Tensor | None = None
+    row_history: Tensor | None = None
+
+
+def _history_grouping(bins: Sequence[int]) -> Grouping:
+    """Group of each history length 0..max(bins)+1 (the last code holds every longer history)."""
+    edges = list(bins)
+    labels, lows = [], [0] + [b + 1 for b in edges]
+    for low, high in zip(lows, edges, strict=False):
+        labels.append(f"{low}-{high}")
+    labels.append(f"{lows[-1]}+")
+    lengths = torch.arange(edges[-1] + 2)
+    codes = torch.bucketize(lengths, torch.tensor(edges), right=False)  # length <= edges[i] -> i
+    return Grouping("user_history", "history", codes, labels)
+
+
+def _popularity_grouping(item_counts: Tensor, bands: Sequence[float]) -> Grouping:
+    """head / torso / tail of the catalogue (codes 1..V-1) by training popularity, ties by code."""
+    V = item_counts.numel()
+    order = torch.argsort(-item_counts[1:].double(), stable=True) + 1  # (V-1,): most popular first
+    rank = torch.empty(V, dtype=torch.long)
+    rank[order] = torch.arange(V - 1)
+    rank[0] = 0
+    n = V - 1
+    head, torso = round(bands[0] * n), round(bands[1] * n)
+    codes = torch.where(rank < head, 0, torch.where(rank < torso, 1, 2))
+    return Grouping("item_popularity", "item", codes, ["head", "torso", "tail"])
+
+
+def build_analysis_data(store, users_raw: Sequence[Any], spec: EvaluationSpec) -> AnalysisData:
+    """The slices and content tables of `store` (a FeatureStore with every feature) under `spec`."""
+    meta = store.meta
+    counts = store.item_counts.double()
+    data = AnalysisData(users_raw=[str(u) for u in users_raw], item_counts=counts)
+    item_codes_entity = store.item_entity  # (V,): entity of each item code
+    data.row_user, data.row_item_code = store.user, store.item_codes(store.item)
+    data.row_history = store.n_prior
+
+    def labels_of(column: str, size: int) -> list[str]:
+        vocab = meta.vocabularies.get(column, [])
+        return [UNKNOWN] + [str(v) for v in vocab] + [f"code {c}" for c in range(len(vocab) + 1, size)]
+
+    if spec.wants("slices"):
+        data.groupings.append(_history_grouping(spec.history_bins))
+        data.groupings.append(_popularity_grouping(counts, spec.popularity_bands))
+        if meta.first_cold_item is not None:
+            cold = (torch.arange(counts.numel()) >= meta.first_cold_item).long()
+            data.groupings.append(Grouping("item_cold", "item", cold, ["warm", "cold"]))
+        columns = spec.slice_columns
+        if columns == "auto":
+            columns = [
+                name
+                for name, f in meta.features.items()
+                if f.side == "user"
+                and f.kind == "categorical"
+                and meta.vocab_sizes[name] - 1 <= spec.max_slice_groups
+            ]
+        elif isinstance(columns, str):
+            columns = [columns]
+        for name in columns:
+            f = meta.features.get(name)
+            if f is None or f.side not in ("user", "item") or f.kind != "categorical":
+                have = [
+                    n
+                    for n, g in meta.features.items()
+                    if g.side in ("user", "item") and g.kind == "categorical"
+                ]
+                raise ValueError(
+                    f"evaluation.slice_columns: '{name}' is not a categorical user or item column of this "
+                    f"data; those are {have}"
+                )
+            size = meta.vocab_sizes[name]
+            if f.side == "user":
+                codes = store.users.sparse[name]  # (users,)
+            else:
+                codes = store.items.sparse[name][item_codes_entity]  # (V,)
+            data.groupings.append(Grouping(f"{f.side}:{name}", f.side, codes.long(), labels_of(name, size)))
+
+    if spec.wants("beyond_accuracy"):
+        data.category_column, data.categories = _category_table(store, spec.category)
+        data.vector_column, data.vectors = _vector_table(store, spec.item_vectors)
+    return data
+
+
+def _category_table(store, column: str | None) -> tuple[str | None, Tensor | None]:
+    """[V, G] category codes per item code for ILD: a categorical (G = 1) or multi-categorical column."""
+    meta, entity = store.meta, store.item_entity
+    candidates = [
+        n
+        for n, f in meta.features.items()
+        if f.side == "item" and f.kind in ("categorical", "multi_categorical") and n != "item_id"
+    ]
+    if column is None:
+        return None, None
+    if column == "auto":
+        if not candidates:
+            return None, None
+        column = candidates[0]
+    if column not in candidates:
+        raise ValueError(
+            f"evaluation.category: '{column}' is not a categorical item column of this data; those are {candidates}"
+        )
+    if column in store.items.sparse:
+        return column, store.items.sparse[column][entity].unsqueeze(1)
+    ids, _ = store.items.seq[column]  # (items, G), padded with 0
+    return column, ids[entity]
+
+
+def _vector_table(store, column: str | None) -> tuple[str | None, Tensor | None]:
+    """[V, D] content vectors per item code for ILD: an item dense-vector column."""
+    meta = store.meta
+    candidates = [n for n, f in meta.features.items() if f.side == "item" and f.kind == "dense_vector"]
+    if column is None:
+        return None, None
+    if column == "auto":
+        if not candidates:
+            return None, None
+        column = candidates[0]
+    if column not in candidates:
+        raise ValueError(
+            f"evaluation.item_vectors: '{column}' is not an item vector column of this data; those are {candidates}"
+        )
+    return column, store.items.dense[column][store.item_entity]
+
+
+# ---- streaming records --------------------------------------------------------------------------------------
+class Records(Metric):
+    """Tensors appended batch by batch and concatenated at `compute()` (across DDP processes too)."""
+
+    full_state_update = False
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        super().__init__()
+        self.fields = list(fields)
+        for name in self.fields:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, **values: Tensor) -> None:
+        for name in self.fields:
+            getattr(self, name).append(values[name].detach())
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {}
+        for name in self.fields:
+            parts = getattr(self, name)
+            out[name] = torch.cat(parts) if isinstance(parts, list) else parts
+        return out
+
+    def empty(self) -> bool:
+        first = getattr(self, self.fields[0])
+        return isinstance(first, list) and len(first) == 0
+
+
+def _group_means(codes: Tensor, values: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Mean of the rows of `values` [N, M] per group code [N] (0..n_groups-1), float64 [n_groups, M], and the
+    group sizes int64 [n_groups]; empty groups get NaN."""
+    sums = torch.zeros(n_groups, values.shape[1], dtype=torch.float64).index_add_(0, codes, values.double())
+    counts = torch.bincount(codes, minlength=n_groups)
+    return sums / counts.unsqueeze(1).clamp(min=1), counts
+
+
+def slice_report(
+    grouping: Grouping, means: Tensor, counts: Tensor, names: Sequence[str], min_group_size: int, unit: str
+) -> dict[str, float]:
+    """`slice/<grouping>/<group>/<metric>` for non-empty groups, their sizes and the fairness gaps."""
+    out: dict[str, float] = {}
+    for g, label in enumerate(grouping.labels):
+        if int(counts[g]) == 0:
+            continue
+        out[f"slice/{grouping.name}/{label}/{unit}"] = float(counts[g])
+        for j, name in enumerate(names):
+            out[f"slice/{grouping.name}/{label}/{name}"] = float(means[g, j])
+    large = counts >= min_group_size
+    if int(large.sum()) >= 2:
+        for j, name in enumerate(names):
+            column = means[large, j]
+            column = column[~torch.isnan(column)]
+            if column.numel() >= 2:
+                out[f"gap/{grouping.name}/{name}"] = float(column.max() - column.min())
+    return out
+
+
+# ---- the analysis of one test stage -----------------------------------------------------------------------
+class TestAnalysis(nn.Module):
+    """Streams the test stage's extra metrics and records; `end()` reduces them (see the module docstring).
+
+    Args:
+        spec: the `evaluation` config.
+        data: the dataset's `AnalysisData`.
+        kind: "ranking" or "impressions" (the connected evaluation).
+        ks: the ranking cut-offs (`model.ks`).
+        names: the per-query metric names of the ranking metrics, in `FullRankingMetrics.per_query` order.
+    """
+
+    def __init__(
+        self, spec: EvaluationSpec, data: AnalysisData, kind: str, ks: Sequence[int], names: Sequence[str]
+    ) -> None:
+        super().__init__()
+        self.spec, self.data, self.kind = spec, data, kind
+        self.ks = tuple(ks)
+        self.names = list(names)
+        self.item_groupings = [g for g in data.groupings if g.side == "item"]
+        self.beyond = self.curves = self.calibration = None
+        if kind == "ranking":
+            if spec.wants("beyond_accuracy"):
+                self.beyond = BeyondAccuracy(ks, data.item_counts, data.categories, data.vectors)
+            if spec.curves_max_k > 0:
+                self.curves = FullRankingMetrics(range(1, spec.curves_max_k + 1))
+            fields = ["user", "history", "values"] + [f"group_{i}" for i in range(len(self.item_groupings))]
+            fields += ["beyond"] if self.beyond is not None else []
+            self.records = Records(fields)
+            # queries of an item grouping with targets in several of its groups: one entry per (query, group)
+            self.mixed = nn.ModuleList(Records(["group", "values"]) for _ in self.item_groupings)
+        else:
+            if spec.wants("calibration"):
+                self.calibration = BinaryCalibrationError(n_bins=spec.calibration_bins, norm="l1")
+            self.records = Records(["row", "logit", "label"])
+        self.results: dict[str, Any] = {}
+
+    # ---- ranking ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ranking_step(
+        self, per_query, batch, scores: Tensor, relevant: Tensor, codes: Tensor, values: Tensor
+    ) -> None:
+        """Record one query batch. per_query: the stage's `FullRankingMetrics.per_query`; scores / relevant
+        (B, C) as ranked; codes: the item code of each column, [C] (full ranking) or [B, C] (candidates);
+        values: the batch's per-query metrics (B, M)."""
+        query = batch.eval
+        B = scores.shape[0]
+        codes = codes.expand(B, -1)
+        history = query.seen.lengths  # (B,): items interacted with before the period
+        entry: dict[str, Tensor] = {"user": query.user, "history": history, "values": values}
+        for i, grouping in enumerate(self.item_groupings):
+            entry[f"group_{i}"] = self._item_groups(
+                per_query, grouping, self.mixed[i], scores, relevant, codes
+            )
+        if self.beyond is not None:
+            k = min(self.ks[-1], scores.shape[1])
+            top, idx = torch.topk(scores, k, dim=1)  # (B, k)
+            listed = torch.where(top > float("-inf"), codes.gather(1, idx), -1)  # (B, k)
+            self.beyond.update(listed)
+            entry["beyond"] = self.beyond.per_list(listed)
+        if self.curves is not None:
+            self.curves.update(scores, relevant)
+        self.records.update(**entry)
+
+    def _item_groups(
+        self, per_query, grouping: Grouping, mixed: Records, scores: Tensor, relevant: Tensor, codes: Tensor
+    ) -> Tensor:
+        """Each query's group under an item grouping, int64 [B] (-1 when its targets fall in several groups;
+        those queries are scored once per group, restricted to its targets, into `mixed`)."""
+        B = scores.shape[0]
+        rows, cols = relevant.nonzero(as_tuple=True)  # (M,): the targets, row by row
+        target_group = grouping.codes.to(codes.device)[codes[rows, cols]]  # (M,)
+        high = torch.full((B,), -1, dtype=torch.long, device=scores.device).scatter_reduce(
+            0, rows, target_group, reduce="amax"
+        )  # (B,)
+        low = torch.full_like(high, torch.iinfo(torch.long).max).scatter_reduce(
+            0, rows, target_group, reduce="amin"
+        )
+        single = high == low
+        group = torch.where(single, high, -1)
+        several = ~single[rows]  # (M,): targets of queries whose targets fall in several groups
+        for g in torch.unique(target_group[several]).tolist():
+            pick = several & (target_group == g)
+            query_rows = torch.unique(rows[pick])  # (R,)
+            in_group = torch.zeros(
+                (len(query_rows), relevant.shape[1]), dtype=torch.bool, device=scores.device
+            )
+            in_group[torch.searchsorted(query_rows, rows[pick]), cols[pick]] = True  # (R, C)
+            ranked = scores[query_rows].masked_fill(relevant[query_rows] & ~in_group, float("-inf"))
+            values = per_query(ranked, in_group)  # (R, M)
+            mixed.update(group=torch.full((len(query_rows),), g, dtype=torch.long), values=values)
+        return group
+
+    # ---- impressions -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def impression_step(self, rows: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Record one batch of logged impressions: their row indices, logits and 0/1 labels (B,)."""
+        if self.calibration is not None:
+            self.calibration.update(torch.sigmoid(logits.float()), labels.long())
+        self.records.update(row=rows, logit=logits.double(), label=labels.float())
+
+    # ---- the end of the stage ----------------------------------------------------------------------------
+    def end(self) -> dict[str, Tensor]:
+        """The extra `test/` metrics (keys without the stage prefix); keeps `results` (records, curves,
+        exposure) for the files and plots of the run."""
+        self.results = {}
+        if self.records.empty():  # no test batch (e.g. limit_test_batches=0)
+            self._reset()
+            return {}
+        out = self._end_ranking() if self.kind == "ranking" else self._end_impressions()
+        self._reset()
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
+
+    def _reset(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
+    def _end_ranking(self) -> dict[str, float]:
+        rec = {k: v.cpu() for k, v in self.records.compute().items()}
+        values, users, history = rec["values"], rec["user"], rec["history"]
+        out: dict[str, float] = {}
+        if self.beyond is not None:
+            out |= {k: float(v) for k, v in self.beyond.compute().items()}
+            k = self.ks[-1]
+            self.results["exposure"] = (k, self.beyond.exposure_at(k).cpu().numpy())
+        if self.curves is not None:
+            curve = self.curves.compute()
+            self.results["curves"] = {
+                "k": list(self.curves.ks),
+                **{
+                    m: [float(curve[f"{m}@{k}"]) for k in self.curves.ks]
+                    for m in ("recall", "ndcg", "hit", "precision", "mrr")
+                },
+            }
+        selected = self._slice_columns()
+        if self.spec.wants("slices"):
+            for grouping in self.data.groupings:
+                if grouping.side == "item":
+                    i = self.item_groupings.index(grouping)
+                    group = rec[f"group_{i}"]
+                    single = group >= 0
+                    codes, vals = group[single], values[single]
+                    if not self.mixed[i].empty():
+                        extra = self.mixed[i].compute()
+                        codes = torch.cat([codes, extra["group"].cpu()])
+                        vals = torch.cat([vals, extra["values"].cpu()])
+                else:
+                    index = users if grouping.side == "user" else history.clamp(max=len(grouping.codes) - 1)
+                    codes, vals = grouping.codes[index], values
+                means, counts = _group_means(codes, vals[:, selected], len(grouping.labels))
+                out |= slice_report(
+                    grouping,
+                    means,
+                    counts,
+                    [self.names[j] for j in selected],
+                    self.spec.min_group_size,
+                    "queries",
+                )
+        if self.spec.per_query:
+            frame = {
+                "user": [self.data.users_raw[u] for u in users.tolist()],
+                "history_length": history.numpy(),
+            }
+            frame |= {name: values[:, j].numpy() for j, name in enumerate(self.names)}
+            if self.beyond is not None:
+                frame |= {name: rec["beyond"][:, j].numpy() for j, name in enumerate(self.beyond.names)}
+            for i, grouping in enumerate(self.item_groupings):
+                group = rec[f"group_{i}"].tolist()
+                frame[f"slice:{grouping.name}"] = [grouping.labels[g] if g >= 0 else "mixed" for g in group]
+            for grouping in self.data.groupings:
+                if grouping.side == "user":
+                    frame[f"slice:{grouping.name}"] = [
+                        grouping.labels[c] for c in grouping.codes[users].tolist()
+                    ]
+                elif grouping.side == "history":
+                    index = history.clamp(max=len(grouping.codes) - 1)
+                    frame[f"slice:{grouping.name}"] = [
+                        grouping.labels[c] for c in grouping.codes[index].tolist()
+                    ]
+            self.results["per_query"] = _with_query_keys(pl.DataFrame(frame))
+        return out
+
+    def _slice_columns(self) -> list[int]:
+        """Which per-query metrics the slices report: `slice_metrics`, or every metric at the smallest k and
+        the untruncated MRR."""
+        wanted = self.spec.slice_metrics
+        if wanted is None:
+            k = self.ks[0]
+            wanted = [f"{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+        missing = [w for w in wanted if w not in self.names]
+        if missing:
+            raise ValueError(
+                f"evaluation.slice_metrics: {missing[0]!r} is not a ranking metric; they are {self.names}"
+            )
+        return [self.names.index(w) for w in wanted]
+
+    def _end_impressions(self) -> dict[str, float]:
+        rec = {k: v.cpu() for k, v in self.records.compute().items()}
+        rows, logits, labels = rec["row"], rec["logit"], rec["label"]
+        out: dict[str, float] = {}
+        if self.calibration is not None:
+            out["ece"] = float(self.calibration.compute())
+        losses = F.binary_cross_entropy_with_logits(logits, labels.double(), reduction="none")  # (M,)
+        users = self.data.row_user[rows]
+        self.results["predictions"] = (logits.numpy(), labels.numpy())
+        if self.spec.wants("slices"):
+            for grouping in self.data.groupings:
+                if grouping.side == "user":
+                    codes = grouping.codes[users]
+                elif grouping.side == "item":
+                    codes = grouping.codes[self.data.row_item_code[rows]]
+                else:
+                    codes = grouping.codes[self.data.row_history[rows].clamp(max=len(grouping.codes) - 1)]
+                out |= self._impression_slices(grouping, codes, logits, labels, losses, users)
+        if self.spec.per_query:
+            groups, auc, n = per_group_auc(logits, labels, users)
+            loss_sum = torch.zeros(len(groups), dtype=torch.float64)
+            where = torch.searchsorted(groups, users)
+            loss_sum.index_add_(0, where, losses)
+            frame = pl.DataFrame(
+                {
+                    "user": [self.data.users_raw[u] for u in groups.tolist()],
+                    "impressions": n.numpy(),
+                    "gauc": auc.numpy(),
+                    "logloss": (loss_sum / n).numpy(),
+                }
+            )
+            self.results["per_query"] = _with_query_keys(frame)
+        return out
+
+    def _impression_slices(
+        self, grouping: Grouping, codes: Tensor, logits: Tensor, labels: Tensor, losses: Tensor, users: Tensor
+    ) -> dict[str, float]:
+        """AUC, GAUC (per user) and log loss of each group's impressions."""
+        n_groups = len(grouping.labels)
+        means = torch.full((n_groups, 3), float("nan"), dtype=torch.float64)
+        counts = torch.bincount(codes, minlength=n_groups)
+        for g in counts.nonzero().squeeze(1).tolist():
+            mask = codes == g
+            sub_logits, sub_labels = logits[mask], labels[mask]
+            _, auc_one, _ = per_group_auc(sub_logits, sub_labels, torch.zeros_like(codes[mask]))
+            _, auc, n = per_group_auc(sub_logits, sub_labels, users[mask])
+            valid = ~torch.isnan(auc)
+            gauc = (auc[valid] * n[valid]).sum() / n[valid].sum() if bool(valid.any()) else float("nan")
+            means[g] = torch.tensor([float(auc_one[0]), float(gauc), float(losses[mask].mean())])
+        return slice_report(
+            grouping, means, counts, ["auc", "gauc", "logloss"], self.spec.min_group_size, "impressions"
+        )
+
+
+def _with_query_keys(frame: pl.DataFrame) -> pl.DataFrame:
+    """A `query_key` column first: the user's raw id, with '#n' from a user's second query on (unique in a run)."""
+    nth = frame.select(pl.int_range(pl.len()).over("user").alias("n"))["n"]
+    keys = [
+        u if n == 0 else f"{u}#{n + 1}" for u, n in zip(frame["user"].to_list(), nth.to_list(), strict=True)
+    ]
+    return frame.insert_column(0, pl.Series("query_key", keys))
