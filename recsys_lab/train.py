@@ -157,6 +157,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "task": cfg.model._target_,
         "seed": cfg.seed,
         "git_commit": commit,
+        "git_dirty": commit.endswith("+dirty"),
         "data_fingerprint": run_info["data_fingerprint"],
         "protocol": run_info["protocol"],
         "training": training,
@@ -179,6 +180,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
             results["files"] = save_analysis(task.analysis, output_dir, clock.epochs)
             log_to_loggers(loggers, results["files"])
         write_results(results, output_dir)
+        # the config with every interpolation resolved, as this run used it (.hydra/config.yaml keeps them)
+        (output_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(run_info["config"]))
         print_reproduction(results.get("reproduction"))
     return results
 

@@ -281,12 +281,10 @@ class FullRankingMetrics(Metric):
         then the untruncated mrr."""
         return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
 
-    def update(self, scores: Tensor, target: Tensor) -> None:
-        """Add a batch of queries. scores: float [B, N]; target: bool [B, N]."""
-        self.update_values(self.per_query(scores, target))
-
-    def update_values(self, values: Tensor) -> None:
-        """Add queries whose metrics `per_query` already computed: float64 [B, 5 * n_ks + 1]."""
+    def update(self, scores: Tensor, target: Tensor, values: Tensor | None = None) -> None:
+        """Add a batch of queries. scores: float [B, N]; target: bool [B, N]; values: their `per_query` rows
+        when the caller computed them already (summed instead of computed again)."""
+        values = self.per_query(scores, target) if values is None else values  # (B, 5 * n_ks + 1), float64
         if values.shape[0] == 0:
             return
         n_ks = len(self.ks)

@@ -168,7 +168,7 @@ class RankingEvaluation(nn.Module):
             metric.update(scores, relevant)
         else:
             values = metric.per_query(scores, relevant)  # (B, M): the metrics of each query
-            metric.update_values(values)
+            metric.update(scores, relevant, values)
             cands = batch.eval.candidates
             codes = cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
             analysis.ranking_step(metric.per_query, batch, scores, relevant, codes, values)
