@@ -56,7 +56,9 @@ def test_beyond_accuracy_on_a_hand_example():
     assert out["popularity@2"] == pytest.approx(((8 + 4) / 2 + (8 + 2) / 2 + 1) / 3)
     total = 15.0
     info = {c: -math.log2(max(n, 1.0) / total) for c, n in enumerate(counts.tolist())}
-    assert out["novelty@2"] == pytest.approx(((info[1] + info[2]) / 2 + (info[1] + info[3]) / 2 + info[4]) / 3)
+    assert out["novelty@2"] == pytest.approx(
+        ((info[1] + info[2]) / 2 + (info[1] + info[3]) / 2 + info[4]) / 3
+    )
     # pairs: (1, 2) same category, (1, 3) different; the one-item list has no pair and counts 0
     assert out["ild_category@2"] == pytest.approx((0 + 1 + 0) / 3)
     # cosine distance: (1, 2) identical -> 0; (1, 3) orthogonal -> 1
@@ -92,7 +94,9 @@ def _ranking_analysis(num_items=30, num_users=12, single_target=False, seed=0):
         Grouping("item_popularity", "item", torch.arange(num_items) % 3, ["head", "torso", "tail"]),
         Grouping("user:gender", "user", user_codes, ["?", "F", "M"]),
     ]
-    data = AnalysisData(users_raw=[f"u{i}" for i in range(num_users)], item_counts=counts, groupings=groupings)
+    data = AnalysisData(
+        users_raw=[f"u{i}" for i in range(num_users)], item_counts=counts, groupings=groupings
+    )
     metric = FullRankingMetrics([3, 5])
     analysis = TestAnalysis(spec, data, "ranking", metric.ks, metric.names)
     users = torch.arange(num_users)
@@ -105,7 +109,9 @@ def _ranking_analysis(num_items=30, num_users=12, single_target=False, seed=0):
     relevant = torch.zeros(num_users, num_items, dtype=torch.bool)
     for u, t in enumerate(targets):
         relevant[u, t] = True
-    batch = _query_batch(users.tolist(), [t.tolist() for t in targets], torch.randint(0, 9, (num_users,), generator=g))
+    batch = _query_batch(
+        users.tolist(), [t.tolist() for t in targets], torch.randint(0, 9, (num_users,), generator=g)
+    )
     for rows in (slice(0, 5), slice(5, None)):  # two batches, as evaluation streams them
         sub = Batch(
             eval=EvalTargets(
@@ -116,7 +122,9 @@ def _ranking_analysis(num_items=30, num_users=12, single_target=False, seed=0):
         )
         values = metric.per_query(scores[rows], relevant[rows])
         metric.update(scores[rows], relevant[rows], values)
-        analysis.ranking_step(metric.per_query, sub, scores[rows], relevant[rows], torch.arange(num_items), values)
+        analysis.ranking_step(
+            metric.per_query, sub, scores[rows], relevant[rows], torch.arange(num_items), values
+        )
     overall = {k: float(v) for k, v in metric.compute().items()}
     return analysis, overall, scores, relevant, batch, metric
 
@@ -142,14 +150,20 @@ def test_slices_add_up_to_the_whole(single_target):
     out = {k: float(v) for k, v in analysis.end().items()}
     for metric in ("recall@3", "ndcg@3", "hit@3", "mrr"):
         # user groupings partition the queries, whatever their targets
-        assert _weighted_mean(out, "user_history", ["0-2", "3-5", "6+"], metric) == pytest.approx(overall[metric])
+        assert _weighted_mean(out, "user_history", ["0-2", "3-5", "6+"], metric) == pytest.approx(
+            overall[metric]
+        )
         assert _weighted_mean(out, "user:gender", ["?", "F", "M"], metric) == pytest.approx(overall[metric])
         items = _weighted_mean(out, "item_popularity", ["head", "torso", "tail"], metric)
         if single_target:  # one target per query: the item groupings partition the queries too
             assert items == pytest.approx(overall[metric])
     gap = out["gap/user:gender/recall@3"] if "gap/user:gender/recall@3" in out else None
     if gap is not None:
-        groups = [out[f"slice/user:gender/{g}/recall@3"] for g in ("?", "F", "M") if out.get(f"slice/user:gender/{g}/queries", 0) >= 10]
+        groups = [
+            out[f"slice/user:gender/{g}/recall@3"]
+            for g in ("?", "F", "M")
+            if out.get(f"slice/user:gender/{g}/queries", 0) >= 10
+        ]
         assert gap == pytest.approx(max(groups) - min(groups))
 
 
@@ -168,7 +182,9 @@ def test_item_slices_restrict_a_query_to_the_group_targets():
     for g, label in enumerate(["head", "torso", "tail"]):
         expected = torch.stack(entries[g]).mean(0)
         assert out[f"slice/item_popularity/{label}/queries"] == len(entries[g])
-        assert out[f"slice/item_popularity/{label}/ndcg@3"] == pytest.approx(float(expected[metric.names.index("ndcg@3")]))
+        assert out[f"slice/item_popularity/{label}/ndcg@3"] == pytest.approx(
+            float(expected[metric.names.index("ndcg@3")])
+        )
         assert out[f"slice/item_popularity/{label}/mrr"] == pytest.approx(float(expected[-1]))
 
 
@@ -199,9 +215,13 @@ def test_impression_analysis_slices_calibration_and_per_user_auc():
     assert out["ece"] == pytest.approx(expected_calibration_error(probs, labels.numpy(), 15), abs=1e-6)
     losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double(), reduction="none")
     for grouping, groups in (("item_popularity", ["head", "torso", "tail"]), ("user_history", ["0", "1+"])):
-        assert _weighted_mean(out, grouping, groups, "logloss", "impressions") == pytest.approx(float(losses.mean()))
+        assert _weighted_mean(out, grouping, groups, "logloss", "impressions") == pytest.approx(
+            float(losses.mean())
+        )
     head = (row_item % 3 == 0).numpy()
-    assert out["slice/item_popularity/head/auc"] == pytest.approx(roc_auc_score(labels.numpy()[head], logits.numpy()[head]))
+    assert out["slice/item_popularity/head/auc"] == pytest.approx(
+        roc_auc_score(labels.numpy()[head], logits.numpy()[head])
+    )
     frame = analysis.results["per_query"]
     for row in frame.iter_rows(named=True):
         mask = (row_user == int(row["user"])).numpy()
@@ -259,7 +279,9 @@ def test_a_ctr_run_draws_calibration_and_score_distributions(make_cfg, tmp_path)
 
 
 def test_evaluation_accuracy_turns_the_analysis_off(make_cfg, tmp_path):
-    results = train(make_cfg([*model_overrides("two_tower", tmp_path), "debug=fast_dev_run", "evaluation=accuracy"]))
+    results = train(
+        make_cfg([*model_overrides("two_tower", tmp_path), "debug=fast_dev_run", "evaluation=accuracy"])
+    )
     assert not any(k.startswith(("test/slice/", "test/gap/", "test/coverage")) for k in results["metrics"])
     assert not (Path(results["output_dir"]) / "per_query.parquet").exists()
 
