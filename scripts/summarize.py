@@ -17,75 +17,14 @@ a single run prints its value alone.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
+from recsys_lab.analysis.runs import group_runs, load_runs
 
 DEFAULT_METRICS = ("recall@10", "ndcg@10", "hit@10", "mrr@10")
-
-
-def model_choice(run_dir: Path, results: dict) -> str:
-    """The `model=` option a run was started with; the model class name for runs without Hydra's record."""
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_file.is_file():
-        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {})
-        choice = (choices.get("choices") or {}).get("model")
-        if choice:
-            return str(choice)
-    return str(results.get("model", "?")).rsplit(".", 1)[-1]
-
-
-IGNORED_OVERRIDES = ("seed=", "model=", "logger=", "hydra.", "+hydra.")
-
-
-def run_overrides(run_dir: Path) -> str:
-    """The run's command-line overrides that tell its group apart ("" without Hydra's record)."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(path.read_text()) if path.is_file() else []
-    return " ".join(o for o in overrides or [] if not o.startswith(IGNORED_OVERRIDES))
-
-
-def candidates(protocol: dict) -> str:
-    value = protocol.get("eval_candidates", "?")
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def load_runs(folders: Iterable[Path], by_overrides: bool = False) -> list[dict]:
-    """One record per results.json under the folders: its group keys, test metrics and timing; with
-    `by_overrides` the model's label carries the run's distinguishing overrides."""
-    runs = []
-    for folder in folders:
-        if not folder.exists():
-            raise FileNotFoundError(f"summarize: {folder} does not exist")
-        files = [folder] if folder.is_file() else sorted(folder.rglob("results.json"))
-        for path in files:
-            try:
-                results = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"summarize: {path} is not a readable results.json ({err})") from err
-            protocol = results.get("protocol", {})
-            label = model_choice(path.parent, results)
-            if by_overrides and (overrides := run_overrides(path.parent)):
-                label = f"{label} {overrides}"
-            runs.append(
-                {
-                    "path": path,
-                    "model": label,
-                    "protocol": str(protocol.get("protocol_preset") or "-"),
-                    "candidates": candidates(protocol),
-                    "seed": results.get("seed"),
-                    "metrics": results.get("metrics", {}),
-                    "timing": results.get("timing") or {},
-                    "results": results,
-                }
-            )
-    if not runs:
-        raise FileNotFoundError(f"summarize: no results.json under {', '.join(map(str, folders))}")
-    return runs
 
 
 def mean_sd(values: Sequence[float], digits: int) -> str:
@@ -96,24 +35,9 @@ def mean_sd(values: Sequence[float], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def lookup(results: dict, dotted: str):
-    value = results
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def table(runs: list[dict], metrics: Sequence[str], by: Sequence[str] = ()) -> str:
     """The markdown table: one row per (model, protocol, candidates, *by) group, in first-seen order."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        key = (
-            run["model"],
-            run["protocol"],
-            run["candidates"],
-            *(str(lookup(run["results"], b)) for b in by),
-        )
-        groups.setdefault(key, []).append(run)
+    groups = group_runs(runs, by)
     header = ["model", "protocol", "candidates", *by, "runs", *metrics, "s to best epoch", "best epoch"]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -124,7 +48,7 @@ def table(runs: list[dict], metrics: Sequence[str], by: Sequence[str] = ()) -> s
         for metric in metrics:
             values = [r["metrics"][f"test/{metric}"] for r in members if f"test/{metric}" in r["metrics"]]
             if values and len(values) != len(members):
-                raise ValueError(f"summarize: test/{metric} is missing from some runs of {key}")
+                raise ValueError(f"test/{metric} is missing from some runs of {key}")
             cells.append(mean_sd(values, 4))
         cells.append(
             mean_sd([r["timing"]["seconds_to_best"] for r in members if "seconds_to_best" in r["timing"]], 1)
@@ -156,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(table(load_runs(args.folders, args.by_overrides), args.metrics, args.by))
     except (FileNotFoundError, ValueError) as err:
-        print(err, file=sys.stderr)
+        print(f"summarize: {err}", file=sys.stderr)
         return 2
     return 0
 
