@@ -62,7 +62,8 @@ class BST(nn.Module):
 
     forward(batch) -> logits (B,); tokens(batch) -> Transformer inputs (B, S, W), mask bool (B, S);
     encode_behaviour(batch) -> Transformer outputs (B, S, W), 0 at padding, and the mask; S = max_len + 1, slot 0
-    the candidate.
+    the candidate; forward_with_attention(batch) -> logits (B,), the candidate's attention on each behaviour
+    (B, L) in history order, 0 at padding.
     """
 
     def __init__(
@@ -148,18 +149,59 @@ class BST(nn.Module):
     def encode_behaviour(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Transformer outputs of the candidate and the behaviours in recency order (B, S, W), zeros at padded
         slots, and the mask of real slots (B, S)."""
+        outputs, mask, _ = self._encode(batch)
+        return outputs, mask
+
+    def _encode(self, batch: Batch) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """`encode_behaviour`, plus the last block's input (B, S, W) and attention mask (B, S, S): what
+        `forward_with_attention` needs to recompute that block's attention weights."""
         x, mask = self.tokens(batch)  # (B, S, W), (B, S)
         S = x.shape[1]
         lengths = batch.seq[self.behaviour[0]].lengths
         allowed = attention_mask(
             lengths + 1, S, causal=False
         )  # (B, S, S): real keys, every slot sees them all
+        last_input = x
         for block in self.blocks:
+            last_input = x
             x = block(x, allowed)  # (B, S, W)
-        return x * mask.unsqueeze(-1), mask
+        return x * mask.unsqueeze(-1), mask, (last_input, allowed)
 
     def forward(self, batch: Batch) -> Tensor:
         outputs, _ = self.encode_behaviour(batch)  # (B, S, W)
+        return self._predict(batch, outputs)
+
+    def forward_with_attention(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Logits (B,) and the candidate's attention on every behaviour (B, L), in history order, 0 at
+        padding: why this score.
+
+        The weights are those of the candidate slot (slot 0 as the query) in the last Transformer block,
+        averaged over the heads: the share of the candidate's attention output each behaviour's value fed.
+        Slot 0 also attends itself, and that share is no behaviour's, so a row's weights sum to less than 1.
+        With several blocks the earlier ones have already mixed the slots, so a weight names a slot (a
+        behaviour's position) more than the item alone.
+        """
+        outputs, _, (x, allowed) = self._encode(batch)  # (B, S, W), last block's input (B, S, W), (B, S, S)
+        logits = self._predict(batch, outputs)  # (B,)
+        # the fused attention (scaled_dot_product_attention) never returns its weights: recompute slot 0's
+        attention = self.blocks[-1].attention
+        B, S, W = x.shape
+        H = attention.num_heads
+        q, k, _ = attention.qkv(x).view(B, S, 3, H, W // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, W/H)
+        scores = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) / (W // H) ** 0.5  # (B, H, S)
+        scores = scores.masked_fill(~allowed[:, :1], float("-inf"))  # slot 0's keys: the real slots
+        slots = torch.softmax(scores, dim=-1).mean(1)  # (B, S)
+
+        # back to history order: position p of a right-padded history sits in slot lengths - p
+        seq = batch.seq[self.behaviour[0]]
+        L = seq.ids.shape[1]
+        positions = torch.arange(L, device=slots.device).unsqueeze(0)  # (1, L)
+        slot = (seq.lengths.unsqueeze(1) - positions).clamp(min=0)  # (B, L), slot 0 wherever padded
+        weights = slots.gather(1, slot) * seq.mask()  # (B, L)
+        return logits, weights
+
+    def _predict(self, batch: Batch, outputs: Tensor) -> Tensor:
+        """Logits (B,) from the Transformer outputs (B, S, W) and the features outside the tokens."""
         parts = [outputs.flatten(1)]  # (B, S*W): the paper concatenates every position's output
         if self.other_sparse:
             parts.append(self.embedding.sparse(batch, self.other_sparse).flatten(1))  # (B, F*D)
