@@ -121,6 +121,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "git_commit": commit,
         "data_fingerprint": datamodule.fingerprint(),
         "protocol": {**datamodule.describe(), "protocol_preset": cfg.get("protocol_preset")},
+        # the config groups chosen (model=sasrec, data=movielens, ...): how scripts/compare.py labels W&B runs
+        "choices": _hydra_choices(),
     }
     clock = TrainingClock()
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState(), clock]
@@ -184,6 +186,14 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         (output_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(run_info["config"]))
         print_reproduction(results.get("reproduction"))
     return results
+
+
+def _hydra_choices() -> dict[str, str]:
+    """{config group: chosen option} of the Hydra run ({} when the config was composed without Hydra's main)."""
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {k: str(v) for k, v in choices.items() if v is not None and not k.startswith("hydra")}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -115,8 +115,8 @@ def wandb_runs(group_path: str, download_to: Path) -> list[dict]:
     """The runs of a W&B group ("entity/project/group") as run records, read through the public API.
 
     train.py logs `run_info` as the run's config: {"config": the resolved Hydra config, "data_fingerprint",
-    "protocol", "training", "git_commit"}. W&B does not record Hydra's `model=` choice, so the label is the
-    model class (`config.model.net._target_`, as summarize does for runs without `.hydra`). Test metrics are
+    "protocol", "training", "git_commit", "choices"}. The label is the `model=` choice (`choices.model`); runs
+    logged before it was recorded get the model class (`config.model.net._target_`). Test metrics are
     the summary's `test/*` values; a run's uploaded per_query.parquet is downloaded under `download_to`.
     """
     import wandb
@@ -136,6 +136,8 @@ def wandb_runs(group_path: str, download_to: Path) -> list[dict]:
         hydra_config = config.get("config") or {}
         model = hydra_config.get("model") or {}
         target = (model.get("net") or {}).get("_target_") or model.get("_target_") or run.name
+        # train.py logs the `model=` choice too; older runs are labelled by their model class
+        label = (config.get("choices") or {}).get("model") or str(target).rsplit(".", 1)[-1]
         results = {
             "metrics": {
                 key: float(value)
@@ -147,7 +149,7 @@ def wandb_runs(group_path: str, download_to: Path) -> list[dict]:
             "data_fingerprint": config.get("data_fingerprint"),
             "protocol": config.get("protocol") or {},
         }
-        record = run_record(f"wandb:{entity}/{project}/{run.id}", str(target).rsplit(".", 1)[-1], results)
+        record = run_record(f"wandb:{entity}/{project}/{run.id}", label, results)
         record["per_query"] = None
         for remote in run.files(names=[PER_QUERY_FILE]):
             if remote.name == PER_QUERY_FILE:

@@ -400,6 +400,29 @@ def test_wandb_group_reads_runs_through_the_api(tmp_path, monkeypatch):
     )
 
 
+def test_wandb_runs_are_labelled_by_their_model_choice(tmp_path, monkeypatch):
+    import wandb
+
+    ranking_multirun(tmp_path / "runs", {"gru4rec": SEEDS["gru4rec"], "sasrec": SEEDS["sasrec"]})
+
+    class ChoiceRun(FakeApiRun):  # train.py now logs the config groups chosen (run_info["choices"])
+        def __init__(self, folder: Path):
+            super().__init__(folder)
+            self.config["choices"] = {"model": folder.name.rsplit("_", 1)[0], "data": "movielens"}
+
+    class FakeApi:
+        def __init__(self, timeout):
+            pass
+
+        def runs(self, path, filters):
+            return [ChoiceRun(folder) for folder in sorted((tmp_path / "runs").iterdir())]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    out = tmp_path / "out"
+    compare.main(["--wandb-group", "lab/recsys/seq-sweep", "--metrics", "ndcg@10", "--out", str(out)])
+    assert list(read_csv(out / "compare.csv")) == ["gru4rec", "sasrec"]
+
+
 @pytest.mark.slow
 def test_cli_writes_the_outputs(tmp_path):
     ranking_multirun(tmp_path, {"gru4rec": SEEDS["gru4rec"], "sasrec": SEEDS["sasrec"]})
