@@ -120,6 +120,9 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": commit,
         "data_fingerprint": datamodule.fingerprint(),
+        # the prepared data alone (source, preprocessing, split, candidates): equal for every model tested on
+        # the same held-out interactions, whatever its view gathers (scripts/compare.py pairs runs by it)
+        "prepared_fingerprint": datamodule.protocol_fingerprint(),
         "protocol": {**datamodule.describe(), "protocol_preset": cfg.get("protocol_preset")},
         # the config groups chosen (model=sasrec, data=movielens, ...): how scripts/compare.py labels W&B runs
         "choices": _hydra_choices(),
@@ -161,6 +164,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "git_commit": commit,
         "git_dirty": commit.endswith("+dirty"),
         "data_fingerprint": run_info["data_fingerprint"],
+        "prepared_fingerprint": run_info["prepared_fingerprint"],
         "protocol": run_info["protocol"],
         "training": training,
         "timing": clock.summary(cfg.monitor, monitor_mode(trainer, cfg.monitor), cfg.get("time_to")),

@@ -147,6 +147,7 @@ def wandb_runs(group_path: str, download_to: Path) -> list[dict]:
             "model": target,
             "seed": hydra_config.get("seed"),
             "data_fingerprint": config.get("data_fingerprint"),
+            "prepared_fingerprint": config.get("prepared_fingerprint"),
             "protocol": config.get("protocol") or {},
         }
         record = run_record(f"wandb:{entity}/{project}/{run.id}", label, results)
@@ -272,8 +273,15 @@ def seed_averaged(row: Row, columns: Sequence[str]) -> tuple[np.ndarray, dict[st
     return keys, averaged
 
 
+def test_set_fingerprint(results: dict) -> str | None:
+    """What identifies a run's held-out interactions: the prepared data's fingerprint (source, preprocessing,
+    split, candidates; train.py records it as `prepared_fingerprint`), the same for every model tested on it.
+    Older runs have only `data_fingerprint`, which also covers what the model's view gathers."""
+    return results.get("prepared_fingerprint") or results.get("data_fingerprint")
+
+
 def fingerprints(row: Row) -> set[str]:
-    found = {run["results"].get("data_fingerprint") for run in row.runs} - {None}
+    found = {test_set_fingerprint(run["results"]) for run in row.runs} - {None}
     if len(found) > 1:
         raise ValueError(
             f"the runs of {row.label} have different data fingerprints ({', '.join(sorted(found))})"

@@ -250,6 +250,28 @@ def test_models_tested_on_different_queries_or_data_are_an_error(tmp_path):
         compare.main([str(tmp_path)])
 
 
+def test_models_with_different_views_of_the_same_prepared_data_are_paired(tmp_path):
+    """The data fingerprint also covers what a model's view gathers (history or not); the prepared data's
+    fingerprint, recorded by train.py, is what says the test set is the same."""
+    written = ranking_multirun(tmp_path, {"gru4rec": SEEDS["gru4rec"], "sasrec": SEEDS["sasrec"]})
+    for folder in tmp_path.iterdir():
+        path = folder / "results.json"
+        results = json.loads(path.read_text())
+        view = "aaaaaaaaaaaaaaaa" if folder.name.startswith("sasrec") else "bbbbbbbbbbbbbbbb"
+        path.write_text(json.dumps(results | {"data_fingerprint": view, "prepared_fingerprint": "p" * 16}))
+    out = tmp_path / "out"
+    compare.main([str(tmp_path), "--metrics", "ndcg@10", "--out", str(out)])
+    a, b = written["sasrec"]["ndcg@10"].mean(axis=0), written["gru4rec"]["ndcg@10"].mean(axis=0)
+    p = float(read_csv(out / "compare.csv")["sasrec"]["test/ndcg@10_p_t"])
+    assert p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    results = json.loads((tmp_path / "sasrec_1" / "results.json").read_text())
+    (tmp_path / "sasrec_1" / "results.json").write_text(
+        json.dumps(results | {"prepared_fingerprint": "q" * 16})
+    )
+    with pytest.raises(SystemExit, match="different data fingerprints"):
+        compare.main([str(tmp_path), "--metrics", "ndcg@10", "--out", str(out)])
+
+
 def test_runs_without_per_query_values_get_no_test_and_a_note(tmp_path, capsys):
     ranking_multirun(tmp_path, {"gru4rec": SEEDS["gru4rec"], "sasrec": SEEDS["sasrec"]})
     write_run(tmp_path / "item_knn_1", "item_knn", 1, {"test/ndcg@10": 0.15, "test/recall@10": 0.3}, None)
