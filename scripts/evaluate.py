@@ -1,12 +1,15 @@
 """Re-evaluate a saved run: `python scripts/evaluate.py ckpt_path=<path/to.ckpt> [+data.max_eval_rows=1000]`.
 
 The checkpoint carries the run's resolved config (model, data, seed), so the same model and data are rebuilt
-from it; `+data.*` / `+trainer.*` overrides change the evaluation setting. Results are printed and written to
-results.json in this evaluation's own run directory.
+from it; `+data.*` / `+trainer.*` overrides change the evaluation setting and `evaluation.*` the test analysis
+(merged over the run's own `evaluation` config, e.g. `+evaluation.slice_columns=[gender]`). Results are printed
+and written to results.json in this evaluation's own run directory, with the analysis's files
+(per_query.parquet, curves.json, plots/).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
@@ -14,6 +17,7 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from recsys_lab.analysis.report import environment, save_analysis
 from recsys_lab.train import CONFIG_DIR, build
 from recsys_lab.utils.checks import ConfigError, load_checkpoint, user_error_message
 from recsys_lab.utils.run import stage_metrics, write_results
@@ -31,6 +35,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage={cfg.stage}: expected 'val' or 'test'")
     run_cfg = OmegaConf.create(run["config"])
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    if cfg.get("evaluation"):  # the test analysis: overrides merged over the run's own
+        run_cfg.evaluation = OmegaConf.merge(run_cfg.get("evaluation") or {}, cfg.evaluation)
     pl.seed_everything(run_cfg.seed, workers=True)
     datamodule, task = build(run_cfg)
     trainer_cfg = OmegaConf.merge(
@@ -45,7 +51,9 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer: pl.Trainer = hydra.utils.instantiate(trainer_cfg)
     run_stage = trainer.test if cfg.stage == "test" else trainer.validate
     # the Lightning checkpoint restores the weights; the task's on_load_checkpoint checks model and schema
+    start = time.perf_counter()
     run_stage(task, datamodule=datamodule, ckpt_path=str(path))
+    seconds = time.perf_counter() - start
     metrics, reference = stage_metrics(trainer, datamodule.view, cfg.stage)
     metrics.update(reference)
     results = {
@@ -56,10 +64,16 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(path),
         "git_commit": run.get("git_commit"),
         "data_fingerprint": datamodule.fingerprint(),
+        "prepared_fingerprint": datamodule.protocol_fingerprint(),
         "trained_on_data_fingerprint": run.get("data_fingerprint"),
         "protocol": datamodule.describe(),
+        "timing": {"evaluate_seconds": seconds},  # the stage alone: loading the weights and scoring
+        "environment": environment(),
         "output_dir": cfg.paths.output_dir,
     }
+    if task.analysis is not None and task.analysis.results:
+        results["evaluation"] = task.analysis.spec.describe()
+        results["files"] = save_analysis(task.analysis, Path(cfg.paths.output_dir), history=[])
     write_results(results, Path(cfg.paths.output_dir))
     return results
 

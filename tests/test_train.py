@@ -164,13 +164,20 @@ def test_checkpoint_resume_evaluate_and_mismatch(make_cfg, tmp_path):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        eval_cfg = compose("eval", overrides=[f"ckpt_path={r1['best_checkpoint']}"])
+        eval_cfg = compose(
+            "eval", overrides=[f"ckpt_path={r1['best_checkpoint']}", "+evaluation.slice_columns=[gender]"]
+        )
     with open_dict(eval_cfg):
         eval_cfg.paths = {"output_dir": str(tmp_path / "eval")}
     evaluated = evaluate(eval_cfg)
     assert evaluated["metrics"]["test/auc"] == pytest.approx(r1["metrics"]["test/auc"], abs=1e-6)
     assert evaluated["metrics"]["test/oracle_auc"] == pytest.approx(r1["metrics"]["test/oracle_auc"])
     assert (tmp_path / "eval" / "results.json").exists()
+    # the test analysis too, with the evaluation overrides merged over the run's own
+    assert evaluated["metrics"]["test/ece"] == pytest.approx(r1["metrics"]["test/ece"], abs=1e-6)
+    assert (tmp_path / "eval" / "per_query.parquet").exists()
+    users = {k.split("/")[2] for k in evaluated["metrics"] if k.startswith("test/slice/user:")}
+    assert users == {"user:gender"} and "test/slice/user:age/0/auc" in r1["metrics"]
 
     # a DIN checkpoint cannot be resumed by another model: one clear error naming both
     other = make_cfg(

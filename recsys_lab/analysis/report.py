@@ -81,6 +81,7 @@ def save_analysis(
     """Write the test analysis's files (and plots, with `evaluation.plots`) into the run directory; returns
     the paths written by name. `history` is the per-epoch record of `TrainingClock` (the training curves)."""
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     results, spec = analysis.results, analysis.spec
     written: dict[str, str] = {}
     if "per_query" in results:
