@@ -84,8 +84,9 @@ def short(metric: str) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
+    """Losses, calibration error, exposure concentration, popularity, and fairness gaps (test/gap/...)."""
     name = metric.rsplit("/", 1)[-1]
-    return name in LOWER_IS_BETTER or name.startswith(LOWER_IS_BETTER_PREFIXES)
+    return "/gap/" in metric or name in LOWER_IS_BETTER or name.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
 # ---------------------------------------------------------------------------------------------- collecting
@@ -322,6 +323,15 @@ def paired_against_baseline(rows: list[Row], base: Row, metrics: Sequence[str], 
         return
     columns = [short(m) for m in metrics]
     base_keys, base_values = seed_averaged(base, columns)
+    untested = [m for m in metrics if short(m) not in base_values]
+    if untested:
+        notes.append(f"no per-query values, so no paired test: {', '.join(untested)}")
+    if {"gauc", "logloss"} & set(base_values):  # CTR runs: the per-query values are per-user means
+        notes.append(
+            "CTR: the paired tests compare per-user AUC and per-user mean log loss, each user counting once; "
+            "the table's gauc and logloss weight users by their impressions, so Δ need not equal the "
+            "difference of the table's means"
+        )
     for row in rows:
         if row is base or lacking[row.label]:
             continue
@@ -368,6 +378,7 @@ def compare(
         raise ValueError(f"unknown baseline '{baseline}'; the models are {', '.join(labels)}")
     base = rows[labels.index(baseline)] if baseline is not None else rows[0]
     for row in rows:
+        fingerprints(row)  # one test set per row: a row pooling two data sets would average across them
         summarize_cells(row, metrics)
     for metric in metrics:
         mark_best(rows, metric)

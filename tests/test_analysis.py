@@ -17,7 +17,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from recsys_lab.analysis.evaluation import AnalysisData, EvaluationSpec, Grouping, TestAnalysis
+from recsys_lab.analysis.evaluation import (
+    AnalysisData,
+    EvaluationSpec,
+    Grouping,
+    Records,
+    TestAnalysis,
+    _history_grouping,
+    _popularity_grouping,
+)
 from recsys_lab.analysis.plots import expected_calibration_error
 from recsys_lab.data.batch import Batch, EvalTargets, Seq
 from recsys_lab.metrics import FullRankingMetrics
@@ -88,14 +96,18 @@ def _ranking_analysis(num_items=30, num_users=12, single_target=False, seed=0):
     counts = torch.randint(0, 20, (num_items,), generator=g).double()
     counts[0] = 0
     user_codes = torch.randint(0, 3, (num_users,), generator=g)
-    spec = EvaluationSpec(curves_max_k=0, history_bins=(2, 5), slice_columns=())
+    spec = EvaluationSpec(curves_max_k=0, history_bins=(2, 5), slice_columns=(), min_group_size=1)
     groupings = [
         Grouping("user_history", "history", torch.tensor([0, 0, 0, 1, 1, 1, 2]), ["0-2", "3-5", "6+"]),
         Grouping("item_popularity", "item", torch.arange(num_items) % 3, ["head", "torso", "tail"]),
         Grouping("user:gender", "user", user_codes, ["?", "F", "M"]),
     ]
+    history = torch.randint(0, 9, (num_users,), generator=g)  # positives before the test period
     data = AnalysisData(
-        users_raw=[f"u{i}" for i in range(num_users)], item_counts=counts, groupings=groupings
+        users_raw=[f"u{i}" for i in range(num_users)],
+        item_counts=counts,
+        groupings=groupings,
+        user_history=history,
     )
     metric = FullRankingMetrics([3, 5])
     analysis = TestAnalysis(spec, data, "ranking", metric.ks, metric.names)
@@ -135,6 +147,50 @@ def _weighted_mean(out, grouping, labels, metric, unit="queries"):
     return sum(n * v for n, v in zip(sizes, values, strict=True)) / sum(sizes)
 
 
+def test_history_bins_and_popularity_bands():
+    grouping = _history_grouping([5, 20])
+    assert grouping.labels == ["0-5", "6-20", "21+"]
+    lengths = torch.tensor([0, 5, 6, 20, 21, 1000])
+    codes = grouping.codes[lengths.clamp(max=len(grouping.codes) - 1)]
+    assert codes.tolist() == [0, 0, 1, 1, 2, 2]
+    # 10 catalogue items (codes 1..10) by popularity; head = the top 20% (2 items), torso up to 80% (8 items)
+    counts = torch.tensor([0.0, 5, 50, 1, 7, 30, 0, 2, 9, 3, 4])
+    bands = _popularity_grouping(counts, [0.2, 0.8])
+    by_code = {c: bands.labels[int(bands.codes[c])] for c in range(1, 11)}
+    assert {c for c, b in by_code.items() if b == "head"} == {2, 5}
+    assert {c for c, b in by_code.items() if b == "tail"} == {3, 6}  # the two least popular, unseen included
+
+
+def test_records_start_with_well_formed_empty_parts():
+    """A process that saw no row still has a [0, M] part of the right dtype for the all-gather."""
+    records = Records({"values": ((3,), torch.float64), "user": ((), torch.long)})
+    out = records.compute()
+    assert out["values"].shape == (0, 3) and out["values"].dtype == torch.float64
+    assert out["user"].shape == (0,) and out["user"].dtype == torch.long
+    records.update(values=torch.ones(2, 3), user=torch.tensor([4, 5]))
+    records.reset()
+    assert records.compute()["values"].shape == (0, 3)
+
+
+def test_repeated_queries_count_once():
+    """A distributed sampler pads the last batch with repeated queries: the per-query file keeps one each."""
+    analysis, overall, scores, relevant, batch, metric = _ranking_analysis(single_target=True)
+    again = slice(0, 3)
+    repeat = Batch(
+        eval=EvalTargets(
+            user=batch.eval.user[again],
+            targets=Seq(batch.eval.targets.ids[again], batch.eval.targets.lengths[again]),
+            seen=Seq(batch.eval.seen.ids[again], batch.eval.seen.lengths[again]),
+        )
+    )
+    values = metric.per_query(scores[again], relevant[again])
+    analysis.ranking_step(metric.per_query, repeat, scores[again], relevant[again], torch.arange(30), values)
+    analysis.end()
+    frame = analysis.results["per_query"]
+    assert frame.height == 12 and frame["query_key"].n_unique() == 12
+    assert frame["ndcg@3"].mean() == pytest.approx(overall["ndcg@3"])
+
+
 def test_per_query_values_average_to_the_streamed_metrics():
     analysis, overall, *_ = _ranking_analysis()
     analysis.end()
@@ -157,14 +213,21 @@ def test_slices_add_up_to_the_whole(single_target):
         items = _weighted_mean(out, "item_popularity", ["head", "torso", "tail"], metric)
         if single_target:  # one target per query: the item groupings partition the queries too
             assert items == pytest.approx(overall[metric])
-    gap = out["gap/user:gender/recall@3"] if "gap/user:gender/recall@3" in out else None
-    if gap is not None:
-        groups = [
-            out[f"slice/user:gender/{g}/recall@3"]
-            for g in ("?", "F", "M")
-            if out.get(f"slice/user:gender/{g}/queries", 0) >= 10
-        ]
-        assert gap == pytest.approx(max(groups) - min(groups))
+    # the fairness gap: the largest minus the smallest group value (every group counts: min_group_size=1)
+    groups = [
+        out[f"slice/user:gender/{g}/recall@3"]
+        for g in ("?", "F", "M")
+        if f"slice/user:gender/{g}/queries" in out
+    ]
+    assert len(groups) >= 2
+    assert out["gap/user:gender/recall@3"] == pytest.approx(max(groups) - min(groups))
+    # the history slice reads each user's positives before the test period
+    frame = analysis.results["per_query"]
+    assert frame["history_length"].to_list() == analysis.data.user_history.tolist()
+    assert frame["slice:user_history"].to_list() == [
+        ["0-2", "0-2", "0-2", "3-5", "3-5", "3-5", "6+"][min(h, 6)]
+        for h in analysis.data.user_history.tolist()
+    ]
 
 
 def test_item_slices_restrict_a_query_to_the_group_targets():
@@ -237,8 +300,15 @@ def test_bad_evaluation_config_names_the_key():
         EvaluationSpec.from_config({"metric_sets": ["accuracy_plus"]})
     with pytest.raises(ValueError, match="evaluation.popularity_band"):
         EvaluationSpec.from_config({"popularity_band": [0.1, 0.5]})
-    with pytest.raises(ValueError, match="evaluation.history_bins"):
-        EvaluationSpec.from_config({"history_bins": [20, 5]})
+    for bins in ([20, 5], [], 5, [True, 3]):
+        with pytest.raises(ValueError, match="evaluation.history_bins"):
+            EvaluationSpec.from_config({"history_bins": bins})
+    # a metric name the evaluation does not compute stops when the task is configured, not after the fit
+    data = AnalysisData(users_raw=["a"], item_counts=torch.zeros(3))
+    with pytest.raises(ValueError, match="evaluation.slice_metrics: 'recall@7'"):
+        TestAnalysis(EvaluationSpec(slice_metrics=("recall@7",)), data, "ranking", (10,), ["recall@10"])
+    with pytest.raises(ValueError, match="evaluation.slice_metrics: 'ndcg@10'"):
+        TestAnalysis(EvaluationSpec(slice_metrics="ndcg@10"), data, "impressions", (10,), [])
 
 
 # ---- the run's files -------------------------------------------------------------------------------------

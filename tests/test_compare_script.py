@@ -465,3 +465,21 @@ def test_cli_writes_the_outputs(tmp_path):
     )
     assert failed.returncode == 1 and failed.stderr.strip().startswith("compare: unknown baseline 'x'")
     assert "Traceback" not in failed.stderr
+
+
+def test_fairness_gaps_are_lower_is_better():
+    assert compare.lower_is_better("test/gap/user:gender/ndcg@10")
+    assert compare.lower_is_better("test/logloss") and compare.lower_is_better("test/gini@10")
+    assert not compare.lower_is_better("test/slice/user:gender/F/ndcg@10")
+    assert not compare.lower_is_better("test/ndcg@10")
+
+
+def test_a_row_pooling_two_data_sets_is_an_error(tmp_path):
+    """model=a data=x,y under one sweep: the seeds of one model on two data sets are not one mean."""
+    ranking_multirun(tmp_path, {"gru4rec": SEEDS["gru4rec"], "sasrec": SEEDS["sasrec"]})
+    for name in ("gru4rec_1", "gru4rec_2", "gru4rec_3", "sasrec_1", "sasrec_2", "sasrec_3"):
+        (tmp_path / name / "per_query.parquet").unlink()  # no paired test: only the row check can catch it
+    path = tmp_path / "sasrec_2" / "results.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prepared_fingerprint": "e" * 16}))
+    with pytest.raises(SystemExit, match="the runs of sasrec have different data fingerprints"):
+        compare.main([str(tmp_path), "--metrics", "ndcg@10"])

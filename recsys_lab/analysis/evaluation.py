@@ -46,7 +46,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import BinaryCalibrationError
 
 from recsys_lab.metrics.beyond import BeyondAccuracy
-from recsys_lab.metrics.ctr import per_group_auc
+from recsys_lab.metrics.ctr import group_auc, per_group_auc
 from recsys_lab.metrics.ranking import FullRankingMetrics
 
 METRIC_SETS = ("beyond_accuracy", "calibration", "slices")
@@ -86,9 +86,10 @@ class EvaluationSpec:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"evaluation.{unknown[0]} is not an option; options are {sorted(known)}")
-        spec = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-        spec.check()
-        return spec
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
         bad = [m for m in self.metric_sets if m not in METRIC_SETS]
@@ -96,21 +97,40 @@ class EvaluationSpec:
             raise ValueError(
                 f"evaluation.metric_sets: {bad[0]!r} is not a metric set; choose from {list(METRIC_SETS)}"
             )
-        bins = list(self.history_bins)
-        if any(not isinstance(b, int) or b < 0 for b in bins) or bins != sorted(set(bins)):
-            raise ValueError(f"evaluation.history_bins must be increasing non-negative ints, got {bins}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        bins = self.history_bins
+        if (
+            not isinstance(bins, (list, tuple))
+            or not bins
+            or any(not is_int(b) or b < 0 for b in bins)
+            or list(bins) != sorted(set(bins))
+        ):
+            raise ValueError(
+                f"evaluation.history_bins must be a non-empty list of increasing ints >= 0, got {bins!r}"
+            )
+        if isinstance(self.slice_metrics, str):
+            self.slice_metrics = (self.slice_metrics,)
+        if isinstance(self.slice_columns, (list, tuple)) and any(
+            not isinstance(c, str) for c in self.slice_columns
+        ):
+            raise ValueError(
+                f"evaluation.slice_columns must be 'auto' or a list of column names, got {self.slice_columns!r}"
+            )
         bands = list(self.popularity_bands)
         if len(bands) != 2 or not 0 < bands[0] < bands[1] < 1:
             raise ValueError(
                 f"evaluation.popularity_bands must be [head, head+torso] with 0 < a < b < 1, got {bands}"
             )
-        if not isinstance(self.curves_max_k, int) or self.curves_max_k < 0:
+        if not is_int(self.curves_max_k) or self.curves_max_k < 0:
             raise ValueError(
                 f"evaluation.curves_max_k must be an int >= 0 (0: no curves), got {self.curves_max_k!r}"
             )
         for key in ("max_slice_groups", "min_group_size", "calibration_bins"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"evaluation.{key} must be a positive int, got {value!r}")
 
     def wants(self, metric_set: str) -> bool:
@@ -142,7 +162,8 @@ class AnalysisData:
 
     users_raw: raw id of every user entity; item_counts: float [V] training positives per item code;
     groupings: the slices; categories [V, G] / vectors [V, D]: per item code, for intra-list diversity (None
-    when the data has no such column), with their column names; row_user / row_item_code / row_history: per
+    when the data has no such column), with their column names; user_history: int64 [users], each user's
+    positives before the test period (ranking queries; None: 0); row_user / row_item_code / row_history: per
     interaction row, its user entity, item code and positives before it (impression analysis).
     """
 
@@ -153,6 +174,7 @@ class AnalysisData:
     category_column: str | None = None
     vectors: Tensor | None = None
     vector_column: str | None = None
+    user_history: Tensor | None = None
     row_user: Tensor | None = None
     row_item_code: Tensor | None = None
     row_history: Tensor | None = None
@@ -185,12 +207,20 @@ def _popularity_grouping(item_counts: Tensor, bands: Sequence[float]) -> Groupin
 
 def build_analysis_data(store, users_raw: Sequence[Any], spec: EvaluationSpec) -> AnalysisData:
     """The slices and content tables of `store` (a FeatureStore with every feature) under `spec`."""
+    from recsys_lab.data.prepare import STAGES
+
     meta = store.meta
     counts = store.item_counts.double()
-    data = AnalysisData(users_raw=[str(u) for u in users_raw], item_counts=counts)
-    item_codes_entity = store.item_entity  # (V,): entity of each item code
-    data.row_user, data.row_item_code = store.user, store.item_codes(store.item)
-    data.row_history = store.n_prior
+    users = torch.arange(len(users_raw))
+    data = AnalysisData(
+        users_raw=[str(u) for u in users_raw],
+        item_counts=counts,
+        # positives before the test period: what a test query's model sees as the user's history
+        user_history=store.timelines[STAGES["test"] - 1].lengths(users),
+        row_user=store.user,
+        row_item_code=store.item_codes(store.item),
+        row_history=store.n_prior,
+    )
 
     def labels_of(column: str, size: int) -> list[str]:
         vocab = meta.vocabularies.get(column, [])
@@ -202,109 +232,104 @@ def build_analysis_data(store, users_raw: Sequence[Any], spec: EvaluationSpec) -
         if meta.first_cold_item is not None:
             cold = (torch.arange(counts.numel()) >= meta.first_cold_item).long()
             data.groupings.append(Grouping("item_cold", "item", cold, ["warm", "cold"]))
+        categorical = {
+            n: f for n, f in meta.features.items() if f.side in ("user", "item") and f.kind == "categorical"
+        }
         columns = spec.slice_columns
         if columns == "auto":
             columns = [
-                name
-                for name, f in meta.features.items()
-                if f.side == "user"
-                and f.kind == "categorical"
-                and meta.vocab_sizes[name] - 1 <= spec.max_slice_groups
+                n
+                for n, f in categorical.items()
+                if f.side == "user" and meta.vocab_sizes[n] - 1 <= spec.max_slice_groups
             ]
         elif isinstance(columns, str):
             columns = [columns]
         for name in columns:
-            f = meta.features.get(name)
-            if f is None or f.side not in ("user", "item") or f.kind != "categorical":
-                have = [
-                    n
-                    for n, g in meta.features.items()
-                    if g.side in ("user", "item") and g.kind == "categorical"
-                ]
+            if name not in categorical:
                 raise ValueError(
                     f"evaluation.slice_columns: '{name}' is not a categorical user or item column of this "
-                    f"data; those are {have}"
+                    f"data; those are {sorted(categorical)}"
                 )
-            size = meta.vocab_sizes[name]
-            if f.side == "user":
-                codes = store.users.sparse[name]  # (users,)
-            else:
-                codes = store.items.sparse[name][item_codes_entity]  # (V,)
-            data.groupings.append(Grouping(f"{f.side}:{name}", f.side, codes.long(), labels_of(name, size)))
+            side = categorical[name].side
+            table = (
+                store.users.sparse[name] if side == "user" else store.items.sparse[name][store.item_entity]
+            )
+            labels = labels_of(name, meta.vocab_sizes[name])
+            data.groupings.append(Grouping(f"{side}:{name}", side, table.long(), labels))
 
     if spec.wants("beyond_accuracy"):
-        data.category_column, data.categories = _category_table(store, spec.category)
-        data.vector_column, data.vectors = _vector_table(store, spec.item_vectors)
+        column = _item_column(
+            store, spec.category, ("categorical", "multi_categorical"), "evaluation.category"
+        )
+        if column is not None:
+            if column in store.items.sparse:
+                table = store.items.sparse[column].unsqueeze(1)  # (items, 1)
+            else:
+                table = store.items.seq[column][0]  # (items, G), padded with 0
+            data.category_column, data.categories = column, table[store.item_entity]
+        column = _item_column(store, spec.item_vectors, ("dense_vector",), "evaluation.item_vectors")
+        if column is not None:
+            data.vector_column, data.vectors = column, store.items.dense[column][store.item_entity]
     return data
 
 
-def _category_table(store, column: str | None) -> tuple[str | None, Tensor | None]:
-    """[V, G] category codes per item code for ILD: a categorical (G = 1) or multi-categorical column."""
-    meta, entity = store.meta, store.item_entity
-    candidates = [
-        n
-        for n, f in meta.features.items()
-        if f.side == "item" and f.kind in ("categorical", "multi_categorical") and n != "item_id"
+def _item_column(store, choice: str | None, kinds: tuple[str, ...], key: str) -> str | None:
+    """The item column `choice` names (null: none; "auto": the first item column of one of `kinds`, none if
+    the data has no such column); a ValueError naming `key` for a column of another kind or side."""
+    found = [
+        n for n, f in store.meta.features.items() if f.side == "item" and f.kind in kinds and n != "item_id"
     ]
-    if column is None:
-        return None, None
-    if column == "auto":
-        if not candidates:
-            return None, None
-        column = candidates[0]
-    if column not in candidates:
+    if choice is None or (choice == "auto" and not found):
+        return None
+    if choice == "auto":
+        return found[0]
+    if choice not in found:
         raise ValueError(
-            f"evaluation.category: '{column}' is not a categorical item column of this data; those are {candidates}"
+            f"{key}: '{choice}' is not an item column of kind {' or '.join(kinds)}; those are {found}"
         )
-    if column in store.items.sparse:
-        return column, store.items.sparse[column][entity].unsqueeze(1)
-    ids, _ = store.items.seq[column]  # (items, G), padded with 0
-    return column, ids[entity]
-
-
-def _vector_table(store, column: str | None) -> tuple[str | None, Tensor | None]:
-    """[V, D] content vectors per item code for ILD: an item dense-vector column."""
-    meta = store.meta
-    candidates = [n for n, f in meta.features.items() if f.side == "item" and f.kind == "dense_vector"]
-    if column is None:
-        return None, None
-    if column == "auto":
-        if not candidates:
-            return None, None
-        column = candidates[0]
-    if column not in candidates:
-        raise ValueError(
-            f"evaluation.item_vectors: '{column}' is not an item vector column of this data; those are {candidates}"
-        )
-    return column, store.items.dense[column][store.item_entity]
+    return choice
 
 
 # ---- streaming records --------------------------------------------------------------------------------------
 class Records(Metric):
-    """Tensors appended batch by batch and concatenated at `compute()` (across DDP processes too)."""
+    """Rows of named tensors appended batch by batch and concatenated at `compute()` (across DDP processes).
+
+    Each field starts with a zero-row tensor of its shape and dtype, so a process that saw no row still
+    contributes a well-formed part to the all-gather (torchmetrics' fallback for an empty list state is a 1-D
+    float tensor, which cannot be concatenated with [N, M] rows).
+
+    Args:
+        fields: {name: (shape of one row, dtype)}, e.g. {"values": ((M,), torch.float64)}.
+    """
 
     full_state_update = False
 
-    def __init__(self, fields: Sequence[str]) -> None:
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
         super().__init__()
-        self.fields = list(fields)
+        self.fields = dict(fields)
         for name in self.fields:
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        self._prime()
+
+    def _prime(self) -> None:
+        for name, (shape, dtype) in self.fields.items():
+            getattr(self, name).append(torch.zeros((0, *shape), dtype=dtype, device=self.device))
+
+    def reset(self) -> None:
+        super().reset()
+        self._prime()
 
     def update(self, **values: Tensor) -> None:
-        for name in self.fields:
-            getattr(self, name).append(values[name].detach())
+        for name, (_, dtype) in self.fields.items():
+            getattr(self, name).append(values[name].detach().to(dtype))
 
     def compute(self) -> dict[str, Tensor]:
+        """Every field's rows, on the CPU."""
         out = {}
         for name in self.fields:
             parts = getattr(self, name)
-            out[name] = torch.cat(parts) if isinstance(parts, list) else parts
+            out[name] = (torch.cat(parts) if isinstance(parts, list) else parts).cpu()
         return out
-
-    def empty(self) -> bool:
-        first = getattr(self, self.fields[0])
-        return isinstance(first, list) and len(first) == 0
 
 
 def _group_means(codes: Tensor, values: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -336,6 +361,12 @@ def slice_report(
     return out
 
 
+# restricted re-rankings of queries whose targets fall in several groups are done in chunks of rows of at
+# most this many scores, so that a large catalogue does not multiply the evaluation's memory
+_RESTRICT_CHUNK = 1 << 24
+IMPRESSION_METRICS = ("auc", "gauc", "logloss")
+
+
 # ---- the analysis of one test stage -----------------------------------------------------------------------
 class TestAnalysis(nn.Module):
     """Streams the test stage's extra metrics and records; `end()` reduces them (see the module docstring).
@@ -348,30 +379,66 @@ class TestAnalysis(nn.Module):
         names: the per-query metric names of the ranking metrics, in `FullRankingMetrics.per_query` order.
     """
 
+    __test__ = False  # not a pytest class, whatever its name
+
     def __init__(
         self, spec: EvaluationSpec, data: AnalysisData, kind: str, ks: Sequence[int], names: Sequence[str]
     ) -> None:
         super().__init__()
         self.spec, self.data, self.kind = spec, data, kind
         self.ks = tuple(ks)
-        self.names = list(names)
+        self.names = list(names) if kind == "ranking" else list(IMPRESSION_METRICS)
+        wanted = spec.slice_metrics if spec.slice_metrics is not None else self._default_slice_metrics()
+        missing = [w for w in wanted if w not in self.names]
+        if missing:  # checked now, not after a whole fit
+            raise ValueError(
+                f"evaluation.slice_metrics: {missing[0]!r} is not a metric of this evaluation; they are {self.names}"
+            )
+        self.slice_columns = [self.names.index(w) for w in wanted]
         self.item_groupings = [g for g in data.groupings if g.side == "item"]
+        # lookups that follow the task's device
+        history = data.user_history if data.user_history is not None else torch.zeros(len(data.users_raw))
+        self.register_buffer("user_history", history.long(), persistent=False)
+        for i, grouping in enumerate(self.item_groupings):
+            self.register_buffer(f"item_groups_{i}", grouping.codes.long(), persistent=False)
         self.beyond = self.curves = self.calibration = None
         if kind == "ranking":
             if spec.wants("beyond_accuracy"):
                 self.beyond = BeyondAccuracy(ks, data.item_counts, data.categories, data.vectors)
             if spec.curves_max_k > 0:
                 self.curves = FullRankingMetrics(range(1, spec.curves_max_k + 1))
-            fields = ["user", "history", "values"] + [f"group_{i}" for i in range(len(self.item_groupings))]
-            fields += ["beyond"] if self.beyond is not None else []
+            fields = {
+                "user": ((), torch.long),
+                "history": ((), torch.long),
+                "values": ((len(self.names),), torch.float64),
+            }
+            fields |= {f"group_{i}": ((), torch.long) for i in range(len(self.item_groupings))}
+            if self.beyond is not None:
+                fields["beyond"] = ((len(self.beyond.names),), torch.float64)
             self.records = Records(fields)
             # queries of an item grouping with targets in several of its groups: one entry per (query, group)
-            self.mixed = nn.ModuleList(Records(["group", "values"]) for _ in self.item_groupings)
+            self.mixed = nn.ModuleList(
+                Records({"group": ((), torch.long), "values": ((len(self.names),), torch.float64)})
+                for _ in self.item_groupings
+            )
         else:
             if spec.wants("calibration"):
                 self.calibration = BinaryCalibrationError(n_bins=spec.calibration_bins, norm="l1")
-            self.records = Records(["row", "logit", "label"])
+            self.records = Records(
+                {"row": ((), torch.long), "logit": ((), torch.float64), "label": ((), torch.float32)}
+            )
         self.results: dict[str, Any] = {}
+
+    def _default_slice_metrics(self) -> list[str]:
+        """Every ranking metric at the smallest k and the untruncated MRR; the CTR metrics."""
+        if self.kind != "ranking":
+            return list(IMPRESSION_METRICS)
+        k = self.ks[0]
+        return [f"{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
+
+    def _history_codes(self, grouping: Grouping, lengths: Tensor) -> Tensor:
+        """The user_history group of history lengths (longer than the table: its last group)."""
+        return grouping.codes[lengths.cpu().clamp(max=len(grouping.codes) - 1)]
 
     # ---- ranking ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -384,30 +451,44 @@ class TestAnalysis(nn.Module):
         query = batch.eval
         B = scores.shape[0]
         codes = codes.expand(B, -1)
-        history = query.seen.lengths  # (B,): items interacted with before the period
-        entry: dict[str, Tensor] = {"user": query.user, "history": history, "values": values}
-        for i, grouping in enumerate(self.item_groupings):
-            entry[f"group_{i}"] = self._item_groups(
-                per_query, grouping, self.mixed[i], scores, relevant, codes
-            )
+        entry: dict[str, Tensor] = {
+            "user": query.user,
+            "history": self.user_history[query.user],
+            "values": values,
+        }
+        if self.item_groupings:
+            rows, cols = relevant.nonzero(as_tuple=True)  # (M,): the targets, row by row
+            target_codes = codes[rows, cols]  # (M,)
+            for i in range(len(self.item_groupings)):
+                table = getattr(self, f"item_groups_{i}")
+                entry[f"group_{i}"] = self._item_groups(
+                    per_query, table[target_codes], rows, cols, self.mixed[i], scores, relevant
+                )
         if self.beyond is not None:
             k = min(self.ks[-1], scores.shape[1])
             top, idx = torch.topk(scores, k, dim=1)  # (B, k)
             listed = torch.where(top > float("-inf"), codes.gather(1, idx), -1)  # (B, k)
-            self.beyond.update(listed)
             entry["beyond"] = self.beyond.per_list(listed)
+            self.beyond.update(listed, entry["beyond"])
         if self.curves is not None:
             self.curves.update(scores, relevant)
         self.records.update(**entry)
 
     def _item_groups(
-        self, per_query, grouping: Grouping, mixed: Records, scores: Tensor, relevant: Tensor, codes: Tensor
+        self,
+        per_query,
+        target_group: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        mixed: Records,
+        scores: Tensor,
+        relevant: Tensor,
     ) -> Tensor:
         """Each query's group under an item grouping, int64 [B] (-1 when its targets fall in several groups;
-        those queries are scored once per group, restricted to its targets, into `mixed`)."""
+        those queries are scored once per group, restricted to its targets, into `mixed`).
+
+        target_group: (M,) the group of each target at (rows, cols) of `relevant`."""
         B = scores.shape[0]
-        rows, cols = relevant.nonzero(as_tuple=True)  # (M,): the targets, row by row
-        target_group = grouping.codes.to(codes.device)[codes[rows, cols]]  # (M,)
         high = torch.full((B,), -1, dtype=torch.long, device=scores.device).scatter_reduce(
             0, rows, target_group, reduce="amax"
         )  # (B,)
@@ -415,19 +496,22 @@ class TestAnalysis(nn.Module):
             0, rows, target_group, reduce="amin"
         )
         single = high == low
-        group = torch.where(single, high, -1)
         several = ~single[rows]  # (M,): targets of queries whose targets fall in several groups
+        step = max(1, _RESTRICT_CHUNK // max(scores.shape[1], 1))
         for g in torch.unique(target_group[several]).tolist():
             pick = several & (target_group == g)
             query_rows = torch.unique(rows[pick])  # (R,)
-            in_group = torch.zeros(
-                (len(query_rows), relevant.shape[1]), dtype=torch.bool, device=scores.device
-            )
-            in_group[torch.searchsorted(query_rows, rows[pick]), cols[pick]] = True  # (R, C)
-            ranked = scores[query_rows].masked_fill(relevant[query_rows] & ~in_group, float("-inf"))
-            values = per_query(ranked, in_group)  # (R, M)
-            mixed.update(group=torch.full((len(query_rows),), g, dtype=torch.long), values=values)
-        return group
+            for start in range(0, len(query_rows), step):
+                part = query_rows[start : start + step]  # (R',)
+                take = pick & (rows >= part[0]) & (rows <= part[-1])
+                in_group = torch.zeros((len(part), relevant.shape[1]), dtype=torch.bool, device=scores.device)
+                in_group[torch.searchsorted(part, rows[take]), cols[take]] = True  # (R', C)
+                ranked = scores[part].masked_fill(relevant[part] & ~in_group, float("-inf"))
+                values = per_query(ranked, in_group)  # (R', M)
+                mixed.update(
+                    group=torch.full((len(part),), g, dtype=torch.long, device=scores.device), values=values
+                )
+        return torch.where(single, high, -1)
 
     # ---- impressions -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -435,17 +519,19 @@ class TestAnalysis(nn.Module):
         """Record one batch of logged impressions: their row indices, logits and 0/1 labels (B,)."""
         if self.calibration is not None:
             self.calibration.update(torch.sigmoid(logits.float()), labels.long())
-        self.records.update(row=rows, logit=logits.double(), label=labels.float())
+        self.records.update(row=rows, logit=logits, label=labels)
 
     # ---- the end of the stage ----------------------------------------------------------------------------
     def end(self) -> dict[str, Tensor]:
         """The extra `test/` metrics (keys without the stage prefix); keeps `results` (records, curves,
-        exposure) for the files and plots of the run."""
+        exposure) for the files and plots of the run. Every process computes (the records are all-gathered),
+        so every process takes the same branches."""
         self.results = {}
-        if self.records.empty():  # no test batch (e.g. limit_test_batches=0)
+        records = self.records.compute()
+        if len(next(iter(records.values()))) == 0:  # no test batch anywhere (e.g. limit_test_batches=0)
             self._reset()
             return {}
-        out = self._end_ranking() if self.kind == "ranking" else self._end_impressions()
+        out = self._end_ranking(records) if self.kind == "ranking" else self._end_impressions(records)
         self._reset()
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
 
@@ -454,9 +540,11 @@ class TestAnalysis(nn.Module):
             if isinstance(module, Metric):
                 module.reset()
 
-    def _end_ranking(self) -> dict[str, float]:
-        rec = {k: v.cpu() for k, v in self.records.compute().items()}
-        values, users, history = rec["values"], rec["user"], rec["history"]
+    def _end_ranking(self, rec: dict[str, Tensor]) -> dict[str, float]:
+        # one query per user and stage: rows repeated by a distributed sampler's padding are dropped
+        users, first = _first_occurrence(rec["user"])
+        rec = {k: v[first] for k, v in rec.items()}
+        values, history = rec["values"], rec["history"]
         out: dict[str, float] = {}
         if self.beyond is not None:
             out |= {k: float(v) for k, v in self.beyond.compute().items()}
@@ -471,30 +559,27 @@ class TestAnalysis(nn.Module):
                     for m in ("recall", "ndcg", "hit", "precision", "mrr")
                 },
             }
-        selected = self._slice_columns()
-        if self.spec.wants("slices"):
-            for grouping in self.data.groupings:
-                if grouping.side == "item":
-                    i = self.item_groupings.index(grouping)
-                    group = rec[f"group_{i}"]
-                    single = group >= 0
-                    codes, vals = group[single], values[single]
-                    if not self.mixed[i].empty():
-                        extra = self.mixed[i].compute()
-                        codes = torch.cat([codes, extra["group"].cpu()])
-                        vals = torch.cat([vals, extra["values"].cpu()])
-                else:
-                    index = users if grouping.side == "user" else history.clamp(max=len(grouping.codes) - 1)
-                    codes, vals = grouping.codes[index], values
-                means, counts = _group_means(codes, vals[:, selected], len(grouping.labels))
-                out |= slice_report(
-                    grouping,
-                    means,
-                    counts,
-                    [self.names[j] for j in selected],
-                    self.spec.min_group_size,
-                    "queries",
+        names = [self.names[j] for j in self.slice_columns]
+        slices: dict[str, Tensor] = {}  # the group of every query per user-side grouping (per_query file)
+        item_index = {id(g): j for j, g in enumerate(self.item_groupings)}
+        for grouping in self.data.groupings:
+            if grouping.side == "item":
+                j = item_index[id(grouping)]
+                group = rec[f"group_{j}"]
+                extra = self.mixed[j].compute()
+                codes = torch.cat([group[group >= 0], extra["group"]])
+                vals = torch.cat([values[group >= 0], extra["values"]])
+            else:
+                codes = (
+                    grouping.codes[users]
+                    if grouping.side == "user"
+                    else self._history_codes(grouping, history)
                 )
+                vals = values
+                slices[grouping.name] = codes
+            if self.spec.wants("slices"):
+                means, counts = _group_means(codes, vals[:, self.slice_columns], len(grouping.labels))
+                out |= slice_report(grouping, means, counts, names, self.spec.min_group_size, "queries")
         if self.spec.per_query:
             frame = {
                 "user": [self.data.users_raw[u] for u in users.tolist()],
@@ -503,39 +588,20 @@ class TestAnalysis(nn.Module):
             frame |= {name: values[:, j].numpy() for j, name in enumerate(self.names)}
             if self.beyond is not None:
                 frame |= {name: rec["beyond"][:, j].numpy() for j, name in enumerate(self.beyond.names)}
-            for i, grouping in enumerate(self.item_groupings):
-                group = rec[f"group_{i}"].tolist()
-                frame[f"slice:{grouping.name}"] = [grouping.labels[g] if g >= 0 else "mixed" for g in group]
-            for grouping in self.data.groupings:
-                if grouping.side == "user":
-                    frame[f"slice:{grouping.name}"] = [
-                        grouping.labels[c] for c in grouping.codes[users].tolist()
-                    ]
-                elif grouping.side == "history":
-                    index = history.clamp(max=len(grouping.codes) - 1)
-                    frame[f"slice:{grouping.name}"] = [
-                        grouping.labels[c] for c in grouping.codes[index].tolist()
-                    ]
-            self.results["per_query"] = _with_query_keys(pl.DataFrame(frame))
+            for j, grouping in enumerate(self.item_groupings):
+                groups = rec[f"group_{j}"].tolist()
+                frame[f"slice:{grouping.name}"] = [grouping.labels[g] if g >= 0 else "mixed" for g in groups]
+            for name, codes in slices.items():
+                grouping = next(g for g in self.data.groupings if g.name == name)
+                frame[f"slice:{name}"] = [grouping.labels[c] for c in codes.tolist()]
+            frame = pl.DataFrame(frame)
+            self.results["per_query"] = frame.insert_column(0, frame["user"].alias("query_key"))
         return out
 
-    def _slice_columns(self) -> list[int]:
-        """Which per-query metrics the slices report: `slice_metrics`, or every metric at the smallest k and
-        the untruncated MRR."""
-        wanted = self.spec.slice_metrics
-        if wanted is None:
-            k = self.ks[0]
-            wanted = [f"{m}@{k}" for m in ("recall", "ndcg", "hit", "precision", "mrr")] + ["mrr"]
-        missing = [w for w in wanted if w not in self.names]
-        if missing:
-            raise ValueError(
-                f"evaluation.slice_metrics: {missing[0]!r} is not a ranking metric; they are {self.names}"
-            )
-        return [self.names.index(w) for w in wanted]
-
-    def _end_impressions(self) -> dict[str, float]:
-        rec = {k: v.cpu() for k, v in self.records.compute().items()}
-        rows, logits, labels = rec["row"], rec["logit"], rec["label"]
+    def _end_impressions(self, rec: dict[str, Tensor]) -> dict[str, float]:
+        # an impression row repeated by a distributed sampler's padding counts once
+        rows, first = _first_occurrence(rec["row"])
+        logits, labels = rec["logit"][first], rec["label"][first]
         out: dict[str, float] = {}
         if self.calibration is not None:
             out["ece"] = float(self.calibration.compute())
@@ -548,23 +614,22 @@ class TestAnalysis(nn.Module):
                     codes = grouping.codes[users]
                 elif grouping.side == "item":
                     codes = grouping.codes[self.data.row_item_code[rows]]
-                else:
-                    codes = grouping.codes[self.data.row_history[rows].clamp(max=len(grouping.codes) - 1)]
+                else:  # positives before the impression: what the model saw as the user's history
+                    codes = self._history_codes(grouping, self.data.row_history[rows])
                 out |= self._impression_slices(grouping, codes, logits, labels, losses, users)
         if self.spec.per_query:
             groups, auc, n = per_group_auc(logits, labels, users)
             loss_sum = torch.zeros(len(groups), dtype=torch.float64)
-            where = torch.searchsorted(groups, users)
-            loss_sum.index_add_(0, where, losses)
-            frame = pl.DataFrame(
+            loss_sum.index_add_(0, torch.searchsorted(groups, users), losses)
+            self.results["per_query"] = pl.DataFrame(
                 {
+                    "query_key": [self.data.users_raw[u] for u in groups.tolist()],
                     "user": [self.data.users_raw[u] for u in groups.tolist()],
                     "impressions": n.numpy(),
                     "gauc": auc.numpy(),
                     "logloss": (loss_sum / n).numpy(),
                 }
             )
-            self.results["per_query"] = _with_query_keys(frame)
         return out
 
     def _impression_slices(
@@ -577,20 +642,22 @@ class TestAnalysis(nn.Module):
         for g in counts.nonzero().squeeze(1).tolist():
             mask = codes == g
             sub_logits, sub_labels = logits[mask], labels[mask]
-            _, auc_one, _ = per_group_auc(sub_logits, sub_labels, torch.zeros_like(codes[mask]))
-            _, auc, n = per_group_auc(sub_logits, sub_labels, users[mask])
-            valid = ~torch.isnan(auc)
-            gauc = (auc[valid] * n[valid]).sum() / n[valid].sum() if bool(valid.any()) else float("nan")
-            means[g] = torch.tensor([float(auc_one[0]), float(gauc), float(losses[mask].mean())])
+            auc = group_auc(sub_logits, sub_labels, torch.zeros_like(users[mask]))
+            gauc = group_auc(sub_logits, sub_labels, users[mask])
+            means[g] = torch.tensor(
+                [float(auc), float(gauc), float(losses[mask].mean())], dtype=torch.float64
+            )
+        names = [self.names[j] for j in self.slice_columns]
         return slice_report(
-            grouping, means, counts, ["auc", "gauc", "logloss"], self.spec.min_group_size, "impressions"
+            grouping, means[:, self.slice_columns], counts, names, self.spec.min_group_size, "impressions"
         )
 
 
-def _with_query_keys(frame: pl.DataFrame) -> pl.DataFrame:
-    """A `query_key` column first: the user's raw id, with '#n' from a user's second query on (unique in a run)."""
-    nth = frame.select(pl.int_range(pl.len()).over("user").alias("n"))["n"]
-    keys = [
-        u if n == 0 else f"{u}#{n + 1}" for u, n in zip(frame["user"].to_list(), nth.to_list(), strict=True)
-    ]
-    return frame.insert_column(0, pl.Series("query_key", keys))
+def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(ids without repeats, in their order of first appearance; the positions of those first appearances)."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    position = torch.full((len(unique),), len(ids), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(ids)), reduce="amin"
+    )
+    first = torch.sort(position).values
+    return ids[first], first

@@ -2,8 +2,9 @@
 
 `explain(run, user, item)` takes raw ids (as the data spell them) and returns an `Explanation`: the model's
 score of (user, item), and each distinct item of the user's history with a weight, largest first.
-`recommend_and_explain(run, user, k)` first ranks the items the user has not interacted with, as evaluation
-does, and explains each of the k best. `Explainer` does both for one run, its catalogue encoded once.
+`recommend_and_explain(run, user, k)` first ranks the items the user has not interacted with (a
+recommendation never repeats a seen item, even under protocols whose evaluation leaves seen items rankable)
+and explains each of the k best. `Explainer` does both for one run, its catalogue encoded once.
 
 The history is the query ranking evaluation builds (`RequestEncoder.encode_stored`, the store's `_query_part`)
 as of a timeline level — by default the test stage's view: every positive of the training and validation
@@ -160,7 +161,7 @@ class Explainer:
     @torch.no_grad()
     def recommend(self, user: Any, k: int = 3, method: str = "auto", top: int = 10) -> list[Explanation]:
         """The user's k best items by the model — code 0 and the items the user interacted with before the
-        cutoff left out, as evaluation ranks them — each with its explanation, best first."""
+        cutoff left out (whatever the protocol's evaluation masks) — each with its explanation, best first."""
         if k < 1:
             raise ValueError(f"k={k}: expected a positive number of items")
         method = self._method(method)

@@ -152,7 +152,7 @@ def score_distributions(scores: np.ndarray, labels: np.ndarray, path, title: str
 def top_share(train_counts: np.ndarray, rec_counts: np.ndarray, fraction: float = 0.2) -> float:
     """Share of all recommendations that go to the `fraction` most popular items by training interactions
     (ties broken by item index); NaN when nothing was recommended."""
-    n_top = max(1, math.ceil(fraction * len(train_counts)))
+    n_top = max(1, round(fraction * len(train_counts)))  # rounded as the evaluation's popularity bands are
     top = np.argsort(-train_counts, kind="stable")[:n_top]
     total = rec_counts.sum()
     return float(rec_counts[top].sum() / total) if total > 0 else math.nan
@@ -253,7 +253,8 @@ def bar_chart_ci(
             ecolor="black",
             capsize=4,
         )
-    ax.set_xticks(positions, labels, rotation=30 if max(map(len, labels)) > 8 else 0, ha="right")
+    rotate = max(map(len, labels)) > 8
+    ax.set_xticks(positions, labels, rotation=30 if rotate else 0, ha="right" if rotate else "center")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: mean and 95% confidence interval over seeds")
     ax.grid(alpha=0.3, axis="y")

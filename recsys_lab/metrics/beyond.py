@@ -165,26 +165,21 @@ class BeyondAccuracy(Metric):
         if cats.shape[2] == 1:
             same = cats[:, :, 0].unsqueeze(2) == cats[:, :, 0].unsqueeze(1)  # (B, K, K)
             return (~same).double()
-        present = cats > 0  # (B, K, G)
-        # |A ∩ B| by comparing every category slot of one item with every slot of the other
-        shared = (
-            (
-                (cats.unsqueeze(2).unsqueeze(4) == cats.unsqueeze(1).unsqueeze(3))
-                & present.unsqueeze(2).unsqueeze(4)
-                & present.unsqueeze(1).unsqueeze(3)
-            )
-            .any(4)
-            .sum(3)
-        )  # (B, K, K): slots of i found among j's (category sets hold distinct values)
-        size = present.sum(2)  # (B, K)
+        B, K, G = cats.shape
+        # |A ∩ B| compares every category slot of one item with every slot of the other: [b, K, K, G, G]
+        # booleans, so the rows go in chunks that keep it near 2^24 elements
+        step = max(1, (1 << 24) // (K * K * G * G))
+        shared = torch.cat([_shared_categories(cats[s : s + step]) for s in range(0, B, step)])  # (B, K, K)
+        size = (cats > 0).sum(2)  # (B, K)
         union = size.unsqueeze(2) + size.unsqueeze(1) - shared  # (B, K, K)
         return torch.where(union > 0, 1.0 - shared.double() / union.clamp(min=1), 0.0)
 
-    def update(self, top: Tensor) -> None:
-        """Add a batch of lists; top: int64 [B, K] item codes, best first, -1 past a short list's end."""
+    def update(self, top: Tensor, values: Tensor | None = None) -> None:
+        """Add a batch of lists; top: int64 [B, K] item codes, best first, -1 past a short list's end; values:
+        their `per_list` rows when the caller computed them already."""
         if top.numel() == 0:
             return
-        values = self.per_list(top)  # (B, n_metrics * n_ks)
+        values = self.per_list(top) if values is None else values  # (B, n_metrics * n_ks)
         n_ks = len(self.ks)
         sums = values.sum(0).view(-1, n_ks)  # (n_metrics, n_ks)
         for row, name in enumerate(self.available_per_list):
@@ -212,3 +207,12 @@ class BeyondAccuracy(Metric):
     def exposure_at(self, k: int) -> Tensor:
         """float64 [V]: how many lists of length k held each item code (the popularity-bias plot's y)."""
         return self.exposure[self.ks.index(k)]
+
+
+def _shared_categories(cats: Tensor) -> Tensor:
+    """int64 [B, K, K]: how many categories each pair of listed items shares; cats: [B, K, G], 0 = padding,
+    each item's categories distinct."""
+    present = cats > 0  # (B, K, G)
+    equal = cats.unsqueeze(2).unsqueeze(4) == cats.unsqueeze(1).unsqueeze(3)  # (B, K, K, G, G)
+    both = present.unsqueeze(2).unsqueeze(4) & present.unsqueeze(1).unsqueeze(3)
+    return (equal & both).any(4).sum(3)
