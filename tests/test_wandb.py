@@ -59,10 +59,16 @@ def offline_logs(run_dir: Path) -> list[Path]:
 def test_wandb_offline_smoke(make_cfg, tmp_path, monkeypatch):
     """train() returns only once the offline transaction log holds the logged config and metrics."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg(["model=din", "data=ecommerce", *SMALL_DATA, "logger=wandb", *TINY_RUN])
+    cfg = make_cfg(
+        ["model=din", "data=ecommerce", *SMALL_DATA, "logger=wandb", *TINY_RUN, "evaluation.plots=true"]
+    )
     train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    # the end-of-run plots as W&B images, and the per-query values saved with the run (compare --wandb-group)
+    images = {p.name.split("_")[0] for p in runs[0].glob("files/media/images/plots/*.png")}
+    assert {"calibration", "score"} <= images, images
+    assert (runs[0] / "files" / "per_query.parquet").is_file()
     logs = list(runs[0].glob("run-*.wandb"))
     assert len(logs) == 1, "the offline run log was not written"
     # the transaction log (protobuf records) holds the logged config and metrics as plain strings
