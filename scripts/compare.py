@@ -180,10 +180,14 @@ def choose_metrics(runs: list[dict], requested: Sequence[str] | None) -> list[st
     if not requested:
         chosen = [m for m in DEFAULT_METRICS if m in available]
         return chosen or [m for m in available if m.startswith("test/")]
-    chosen = [m if "/" in m else f"test/{m}" for m in requested]
+    # "ndcg@10" and "gap/user:gender/ndcg@10" mean test/...; val/ and best_ names are taken as they are
+    chosen = [m if m.startswith(("test/", "val/", "best_")) else f"test/{m}" for m in requested]
     unknown = [m for m in chosen if m not in available]
     if unknown:
-        raise ValueError(f"unknown metric {', '.join(unknown)}; the runs have {', '.join(available)}")
+        plain = [m for m in available if "/slice/" not in m and "/gap/" not in m]
+        sliced = len(available) - len(plain)
+        more = f" (and {sliced} slice and gap metrics, test/slice/... and test/gap/...)" if sliced else ""
+        raise ValueError(f"unknown metric {', '.join(unknown)}; the runs have {', '.join(plain)}{more}")
     return list(dict.fromkeys(chosen))
 
 
@@ -405,7 +409,7 @@ def significant(cell: Cell, key: str) -> bool:
 
 def legend(comparison: Comparison) -> list[str]:
     tests = [cell.test for row in comparison.rows for cell in row.cells.values() if cell and cell.test]
-    lower = ", ".join([*sorted(LOWER_IS_BETTER), *(f"{p}*" for p in LOWER_IS_BETTER_PREFIXES)])
+    lower = ", ".join([*sorted(LOWER_IS_BETTER), *(f"{p}*" for p in LOWER_IS_BETTER_PREFIXES), "gap/*"])
     how = (
         "the first row in sorted order; choose with --baseline"
         if not comparison.baseline_chosen
