@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 120
 
@@ -207,6 +208,7 @@ def training_curves(history: list[dict[str, float]], path) -> Path:
             epochs, values = zip(*points, strict=True)
             ax.plot(epochs, values, marker="." if len(points) <= 50 else None, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_title("training loss" if stage == "train" else "validation metrics")
         ax.grid(alpha=0.3)
         if names:

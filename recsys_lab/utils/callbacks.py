@@ -87,13 +87,14 @@ class RunCheckpoint(ModelCheckpoint):
 
 class TrainingClock(pl.Callback):
     """Wall-clock of a fit: seconds of training per epoch (validation excluded), the validation metrics after
-    each epoch with the time they were reached, the epoch's last logged training values (`train/loss`), and
+    each epoch with the time they were reached, the epoch's mean training loss (`train/loss_mean`), and
     from those the seconds to the best epoch and to a target value — the time-to-quality figures of the
     README, written into `results.json` as `timing` (the epochs themselves as `history`)."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
         self._start = self._epoch_start = None
+        self._loss_sum, self._loss_steps = None, 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -101,6 +102,15 @@ class TrainingClock(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
         self._train_seconds = None
+        self._loss_sum, self._loss_steps = None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the epoch's mean training loss, summed on the device (no synchronisation per step)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_steps += 1
 
     def _close_training(self) -> None:
         if self._epoch_start is not None and self._train_seconds is None:
@@ -131,9 +141,9 @@ class TrainingClock(pl.Callback):
             self.epochs.append(
                 {"epoch": trainer.current_epoch, "train_seconds": self._train_seconds, "elapsed": elapsed}
             )
-        # the epoch's last logged training values (the training curves of the run's plots)
-        train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-        self.epochs[-1].update(train)
+        # the epoch's mean training loss (the training curves of the run's plots)
+        if self._loss_steps:
+            self.epochs[-1]["train/loss_mean"] = float(self._loss_sum) / self._loss_steps
 
     def summary(
         self, monitor: str, mode: str = "max", target: dict[str, float] | None = None
