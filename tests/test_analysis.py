@@ -83,6 +83,29 @@ def test_multi_category_distance_is_one_minus_jaccard():
     assert values[0, metric.names.index("ild_category@3")].item() == pytest.approx((0.75 + 1 + 1) / 3)
 
 
+def test_both_jaccard_paths_agree(monkeypatch):
+    """Multi-hot set products (few codes) and slot-by-slot comparison (many codes) give the same distances."""
+    from recsys_lab.metrics import beyond
+
+    g = torch.Generator().manual_seed(0)
+    V, G = 40, 4
+    sets = [
+        torch.randperm(12, generator=g)[: int(torch.randint(0, G + 1, (1,), generator=g))] + 1
+        for _ in range(V)
+    ]
+    table = torch.nn.utils.rnn.pad_sequence(
+        [torch.cat([s, torch.zeros(G - len(s), dtype=torch.long)]) for s in sets], batch_first=True
+    )
+    metric = BeyondAccuracy([5], torch.ones(V), table)
+    top = torch.randint(1, V, (6, 5), generator=g)
+    fast = metric._category_distance(top)
+    monkeypatch.setattr(beyond, "_MULTI_HOT_CODES", 0)
+    assert torch.equal(metric._category_distance(top), fast)
+    a, b = set(sets[int(top[0, 0])].tolist()), set(sets[int(top[0, 1])].tolist())
+    expected = 1 - len(a & b) / len(a | b) if a | b else 0.0
+    assert float(fast[0, 0, 1]) == pytest.approx(expected)
+
+
 # ---- ranking analysis on synthetic query batches ----------------------------------------------------------
 def _query_batch(users, targets, seen_lengths):
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in targets], batch_first=True)

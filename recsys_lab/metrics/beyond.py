@@ -39,6 +39,7 @@ from torchmetrics import Metric
 from recsys_lab.metrics.ranking import _validate_ks
 
 PER_LIST = ("popularity", "novelty", "ild_category", "ild_embedding")  # the metrics that are means of lists
+_MULTI_HOT_CODES = 4096  # multi-category columns with at most this many codes use multi-hot set products
 
 
 def gini(exposure: Tensor) -> Tensor:
@@ -109,6 +110,7 @@ class BeyondAccuracy(Metric):
         self.has_categories = categories is not None
         if categories is not None:
             self.register_buffer("category_table", categories.long(), persistent=False)
+            self.category_codes = int(categories.max()) + 1 if categories.numel() else 1
         self.has_vectors = vectors is not None
         if vectors is not None:
             unit = torch.nn.functional.normalize(vectors.float(), dim=1)  # (V, D): cosine = dot product
@@ -166,10 +168,16 @@ class BeyondAccuracy(Metric):
             same = cats[:, :, 0].unsqueeze(2) == cats[:, :, 0].unsqueeze(1)  # (B, K, K)
             return (~same).double()
         B, K, G = cats.shape
-        # |A ∩ B| compares every category slot of one item with every slot of the other: [b, K, K, G, G]
-        # booleans, so the rows go in chunks that keep it near 2^24 elements
-        step = max(1, (1 << 24) // (K * K * G * G))
-        shared = torch.cat([_shared_categories(cats[s : s + step]) for s in range(0, B, step)])  # (B, K, K)
+        n_codes = self.category_codes
+        if n_codes <= _MULTI_HOT_CODES:
+            # multi-hot sets [B, K, C] (column 0, padding, dropped): |A ∩ B| is one batched product
+            hot = torch.zeros(B, K, n_codes, device=cats.device).scatter_(2, cats, 1.0)[:, :, 1:]
+            shared = torch.bmm(hot, hot.transpose(1, 2)).round().long()  # (B, K, K)
+        else:
+            # many codes: compare every category slot of one item with every slot of the other, [b, K, K, G, G]
+            # booleans, in chunks of rows that keep it near 2^24 elements
+            step = max(1, (1 << 24) // (K * K * G * G))
+            shared = torch.cat([_shared_categories(cats[s : s + step]) for s in range(0, B, step)])
         size = (cats > 0).sum(2)  # (B, K)
         union = size.unsqueeze(2) + size.unsqueeze(1) - shared  # (B, K, K)
         return torch.where(union > 0, 1.0 - shared.double() / union.clamp(min=1), 0.0)
