@@ -13,6 +13,8 @@ from recsys_lab.data.schema import Schema
 from recsys_lab.data.views import EvalContext, View
 from recsys_lab.tasks.ranking import RankingEvaluation
 
+ANALYSIS_KEYS = ("slice/", "gap/")  # the test analysis's per-group keys (recsys_lab.analysis.evaluation)
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint written by another model or for another feature layout."""
@@ -54,6 +56,7 @@ class RecTask(pl.LightningModule):
             raise ValueError(f"model.ks={list(ks) if isinstance(ks, Sequence) else ks}: {err}") from None
         self.context: EvalContext | None = None
         self.analysis: TestAnalysis | None = None
+        self.analysis_metrics: dict[str, float] = {}  # the last stage's slices and gaps (see `_log_stage`)
 
     # ---- the data contract -------------------------------------------------------------------------------
     def connect(self, context: EvalContext) -> None:
@@ -167,7 +170,19 @@ class RecTask(pl.LightningModule):
         values = self.end_evaluation(stage)
         headline = {f"{stage}/{k}": v for k, v in values.items() if "/" not in k}
         self.log_dict(headline, prog_bar=stage == "val")
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if "/" in k})  # slices (cold/...)
+        sliced = {
+            f"{stage}/{k}": v for k, v in values.items() if "/" in k and not k.startswith(ANALYSIS_KEYS)
+        }
+        self.log_dict(sliced)  # the cold-start slice (cold/...)
+        # The test analysis's slices and gaps (a few hundred values, already reduced across processes) go to
+        # the loggers directly: through `self.log` each costs about a millisecond and Lightning would print
+        # them all in its own table. `stage_metrics` reads them from here.
+        self.analysis_metrics = {
+            f"{stage}/{k}": float(v) for k, v in values.items() if k.startswith(ANALYSIS_KEYS)
+        }
+        if self.analysis_metrics and self._trainer is not None:
+            for logger in self.loggers:
+                logger.log_metrics(self.analysis_metrics, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self.begin_evaluation("val")

@@ -40,6 +40,9 @@ def stage_metrics(trainer: pl.Trainer, view, stage: str) -> tuple[dict[str, floa
     from recsys_lab.metrics.reference import reference_aucs
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+    # the test analysis's slices and gaps, handed to the loggers directly (RecTask._log_stage)
+    extra = getattr(trainer.lightning_module, "analysis_metrics", None) or {}
+    metrics |= {k: v for k, v in extra.items() if k.startswith(f"{stage}/")}
     reference = {}
     scored = view.reference_scores(stage)
     if scored is not None:
