@@ -186,6 +186,7 @@ def test_reachability_probe_goes_through_the_https_proxy(monkeypatch):
         assert _unreachable("https://wandb.invalid", timeout=2) is None
 
 
+@pytest.mark.slow  # a two-job multirun in a fresh interpreter: ~8 s (CI runs it)
 def test_multirun_with_the_default_logger_offline(tmp_path):
     """Both jobs of `-m model=din,two_tower` write results and an offline run with no W&B account."""
     env = {k: v for k, v in os.environ.items() if k not in WANDB_VARS}
