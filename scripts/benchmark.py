@@ -55,6 +55,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from recsys_lab.analysis.report import cpu_name
 from recsys_lab.data.batch import Batch
 from recsys_lab.train import CONFIG_DIR, build  # importing it registers the resolvers
 
@@ -236,16 +237,6 @@ def benchmark_model(model: str, overrides: list[str], args: argparse.Namespace) 
         "eval_batches": eval_batches,
         "build_s": build_s,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict[str, Any]:

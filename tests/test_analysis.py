@@ -148,13 +148,7 @@ def _ranking_analysis(num_items=30, num_users=12, single_target=False, seed=0):
         users.tolist(), [t.tolist() for t in targets], torch.randint(0, 9, (num_users,), generator=g)
     )
     for rows in (slice(0, 5), slice(5, None)):  # two batches, as evaluation streams them
-        sub = Batch(
-            eval=EvalTargets(
-                user=batch.eval.user[rows],
-                targets=Seq(batch.eval.targets.ids[rows], batch.eval.targets.lengths[rows]),
-                seen=Seq(batch.eval.seen.ids[rows], batch.eval.seen.lengths[rows]),
-            )
-        )
+        sub = batch.select(torch.arange(num_users)[rows])
         values = metric.per_query(scores[rows], relevant[rows])
         metric.update(scores[rows], relevant[rows], values)
         analysis.ranking_step(
@@ -199,13 +193,7 @@ def test_repeated_queries_count_once():
     """A distributed sampler pads the last batch with repeated queries: the per-query file keeps one each."""
     analysis, overall, scores, relevant, batch, metric = _ranking_analysis(single_target=True)
     again = slice(0, 3)
-    repeat = Batch(
-        eval=EvalTargets(
-            user=batch.eval.user[again],
-            targets=Seq(batch.eval.targets.ids[again], batch.eval.targets.lengths[again]),
-            seen=Seq(batch.eval.seen.ids[again], batch.eval.seen.lengths[again]),
-        )
-    )
+    repeat = batch.select(torch.arange(3))
     values = metric.per_query(scores[again], relevant[again])
     analysis.ranking_step(metric.per_query, repeat, scores[again], relevant[again], torch.arange(30), values)
     analysis.end()

@@ -55,7 +55,7 @@ def environment(deterministic: bool | str | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -64,15 +64,15 @@ def environment(deterministic: bool | str | None = None) -> dict[str, Any]:
     }
 
 
-def _cpu_name() -> str:
-    """The CPU model (Linux reads /proc/cpuinfo; elsewhere platform.processor())."""
+def cpu_name() -> str:
+    """The CPU model (Linux reads /proc/cpuinfo; elsewhere platform.processor(), else the machine type)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def save_analysis(
