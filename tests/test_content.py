@@ -340,7 +340,10 @@ def test_content_group_fuses_text_image_and_audio_end_to_end(make_cfg, tmp_path,
     assert cfg.data.source.render_images and cfg.data.source.render_audio and cfg.data.text.pairs is False
     results = train(cfg)
     metrics = results["metrics"]
-    assert all(np.isfinite(v) for k, v in metrics.items() if "/cold/" not in k)
+    # slices may be undefined (NaN: no cold target; a one-class group has no AUC)
+    assert all(
+        np.isfinite(v) for k, v in metrics.items() if not any(s in k for s in ("/cold/", "/slice/", "/gap/"))
+    )
     if model == "din":
         assert 0 < metrics["test/auc"] < 1
     else:

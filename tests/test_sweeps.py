@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 import yaml
 
@@ -78,6 +79,10 @@ def test_ddp_with_two_cpu_processes(tmp_path, data_dir):
     r = json.loads(results.read_text())
     # both ranks trained and evaluated; rank 0 alone wrote the (synced) results
     assert {"test/auc", "test/gauc", "test/oracle_auc", "test/popularity_auc"} <= set(r["metrics"])
+    # the test analysis under DDP: every impression once in the per-user file, calibration and slices reduced
+    frame = pl.read_parquet(results.parent / "per_query.parquet")
+    assert frame["impressions"].sum() == r["protocol"]["test_rows_used"]
+    assert 0 <= r["metrics"]["test/ece"] < 1 and "test/slice/item_popularity/head/auc" in r["metrics"]
     assert r["metrics"]["test/oracle_auc"] > r["metrics"]["test/popularity_auc"]
     assert r["protocol"]["leakage_audit"]["status"] == "passed"
     # what DDP changes is printed with the results: two processes, twice the rows per optimizer step
@@ -97,3 +102,10 @@ def test_ddp_trains_graph_and_sequence_models(model, tmp_path, data_dir):
     r = json.loads(results.read_text())
     assert r["training"]["world_size"] == 2
     assert 0 < r["metrics"]["test/ndcg@10"] <= 1
+    # the test analysis under DDP: records all-gathered, one row per test query (padding repeats dropped)
+    frame = pl.read_parquet(results.parent / "per_query.parquet")
+    assert frame.height == frame["query_key"].n_unique() == r["protocol"]["test_queries_used"]
+    assert (
+        any(k.startswith("test/slice/user_history/") for k in r["metrics"])
+        and "test/coverage@10" in r["metrics"]
+    )
