@@ -273,6 +273,44 @@ def test_tensor_batches_are_the_dataloaders_batches_as_tensors():
         assert [b.tolist() for b in batches] == list(BatchSampler(spread, 8, drop_last=False))
 
 
+def test_sharded_batches_are_the_single_process_batches_split():
+    """DDP with world_size processes of batch b sees, step by step, the batch one process of world_size × b
+    would see; evaluation rows are split without repeats."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    from recsys_lab.data.views import TensorBatches
+
+    data = list(range(103))
+    torch.manual_seed(7)
+    single = [b.tolist() for b in TensorBatches(RandomSampler(data), 20, drop_last=False)]
+    parts = []
+    for rank in (0, 1):
+        torch.manual_seed(7)  # every process starts an epoch from the same global RNG state
+        sharded = TensorBatches(RandomSampler(data), 10, drop_last=False, shard=(rank, 2))
+        parts.append([b.tolist() for b in sharded])
+        assert len(sharded) == len(parts[-1]) == 6
+    assert [
+        a + b for a, b in zip(*parts, strict=True)
+    ] == single  # 5 global batches of 20, then 3 rows: 2 + 1
+    torch.manual_seed(7)
+    three = [b.tolist() for b in TensorBatches(RandomSampler(data[:41]), 10, drop_last=False, shard=(2, 3))]
+    assert len(three) == 2  # 30 rows, then 11 rows split 4 / 4 / 3
+    torch.manual_seed(7)
+    assert len(list(TensorBatches(RandomSampler(data[:61]), 10, drop_last=False, shard=(1, 2)))) == 3
+    torch.manual_seed(7)  # a last global batch with fewer rows than processes is dropped
+    assert len(list(TensorBatches(RandomSampler(data[:41]), 10, drop_last=False, shard=(1, 2)))) == 2
+    # evaluation: contiguous parts, batched, every row exactly once across the processes
+    rows = [
+        b.tolist() for r in range(3) for b in TensorBatches(SequentialSampler(data), 16, False, shard=(r, 3))
+    ]
+    assert sorted(sum(rows, [])) == data and max(len(b) for b in rows) == 16
+    assert [len(TensorBatches(SequentialSampler(data), 16, False, shard=(r, 3))) for r in range(3)] == [
+        3,
+        3,
+        3,
+    ]
+
+
 def test_training_loader_yields_tensor_batches_in_a_seeded_order(dm):
     loader = dm.train_dataloader()
     torch.manual_seed(0)

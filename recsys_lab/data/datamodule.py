@@ -339,9 +339,17 @@ class RecDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        # Under DDP the batches are sharded here (`TensorBatches`: the same global batches as one process,
+        # evaluation rows never repeated); the trainer configs set `use_distributed_sampler: false`.
+        trainer = self.trainer
+        shard = (
+            (trainer.global_rank, trainer.world_size)
+            if trainer is not None and trainer.world_size > 1
+            else None
+        )
         return DataLoader(
             dataset,
-            batch_sampler=TensorBatches(order, batch_size, drop_last=False),
+            batch_sampler=TensorBatches(order, batch_size, drop_last=False, shard=shard),
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

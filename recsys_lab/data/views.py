@@ -55,10 +55,28 @@ class TensorBatches(BatchSampler):
 
     The batches are those `DataLoader(shuffle=...)` makes from the same RNG state: like `RandomSampler`, an epoch
     draws its seed from the global torch RNG and permutes with a generator seeded by it (a test checks the
-    equality on the installed torch). Any other sampler — Lightning puts a `DistributedSampler` in its place
-    under DDP, calling this class as `TensorBatches(sampler, batch_size=, drop_last=)` — is batched as
-    `BatchSampler` would, then turned into tensors.
+    equality on the installed torch). Any other sampler is batched as `BatchSampler` would, then turned into
+    tensors.
+
+    Several processes (DDP; `shard=(rank, world_size)`, set by the DataModule, which shards batches itself
+    instead of Lightning's `DistributedSampler`):
+
+    * shuffled (training) batches: every process draws the same order — rank 0's epoch seed, broadcast — and
+      cuts it into global batches of `world_size × batch_size` rows, the first `world_size` pieces of which go
+      to the processes in rank order. One optimizer step of `world_size` processes with `data.batch_size=b`
+      therefore sees exactly the batch a single process with `data.batch_size=world_size × b` would have seen
+      in the same epoch (the same order when the global RNG matches, as in the first epoch). A last global
+      batch with fewer rows than processes is dropped (no process may step on nothing).
+    * ordered (evaluation) batches: process r takes the r-th of `world_size` contiguous parts of the rows and
+      batches it. Nothing is repeated — Lightning's `DistributedSampler` pads with repeats, which count twice
+      in every evaluation metric — and the metric states add up across processes.
     """
+
+    def __init__(
+        self, sampler, batch_size: int, drop_last: bool, shard: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.shard = shard
 
     def __iter__(self) -> Iterator[Tensor]:
         sampler = self.sampler
@@ -69,16 +87,58 @@ class TensorBatches(BatchSampler):
             and sampler.num_samples == len(sampler.data_source)
         ):
             seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as RandomSampler.__iter__
+            if self.shard is not None:
+                seed = _broadcast_from_rank_zero(seed)
             order = torch.randperm(len(sampler.data_source), generator=torch.Generator().manual_seed(seed))
         elif type(sampler) is SequentialSampler:
             order = torch.arange(len(sampler.data_source))
+            if self.shard is not None:
+                rank, world = self.shard
+                order = torch.tensor_split(order, world)[rank]  # (about N / world,)
+                yield from order.split(self.batch_size)
+                return
         else:
             for indices in super().__iter__():
                 yield torch.as_tensor(indices, dtype=torch.long)
             return
+        if self.shard is not None:
+            yield from self._global_batches(order)
+            return
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
+
+    def _global_batches(self, order: Tensor) -> Iterator[Tensor]:
+        """This process's part of each global batch of `world × batch_size` rows of `order`."""
+        rank, world = self.shard
+        size = world * self.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            if len(batch) < (size if self.drop_last else world):
+                return
+            yield torch.tensor_split(batch, world)[rank]
+
+    def __len__(self) -> int:
+        if self.shard is None:
+            return super().__len__()
+        rank, world = self.shard
+        n = len(self.sampler)
+        if type(self.sampler) is SequentialSampler:
+            return -(-len(torch.tensor_split(torch.arange(n), world)[rank]) // self.batch_size)
+        size = world * self.batch_size
+        full, rest = divmod(n, size)
+        return full + (1 if rest >= (size if self.drop_last else world) else 0)
+
+
+def _broadcast_from_rank_zero(value: int) -> int:
+    """Rank 0's value on every process (no-op without an initialised process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 @dataclass

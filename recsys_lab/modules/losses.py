@@ -19,7 +19,10 @@ class SampledSoftmaxLoss(nn.Module):
         temperature: logits are cosine / temperature.
         logq_correction: subtract log q_j (set False for the uncorrected ablation).
 
-    forward(query (B, D), item (B, D), item_ids (B,), log_q (num_items,)) -> scalar loss.
+    forward(query (B, D), item (N, D), item_ids (N,), log_q (num_items,), positive (B,) = None) -> scalar loss.
+    The candidates are usually the batch's own items (N = B, query b's positive in column b); with negatives
+    gathered from every DDP process (`RetrievalTask(cross_rank_negatives=True)`) they are all processes' items
+    and `positive` holds each query's column among them.
     """
 
     def __init__(self, temperature: float = 0.05, logq_correction: bool = True) -> None:
@@ -29,14 +32,19 @@ class SampledSoftmaxLoss(nn.Module):
         self.temperature = temperature
         self.logq_correction = logq_correction
 
-    def forward(self, query: Tensor, item: Tensor, item_ids: Tensor, log_q: Tensor) -> Tensor:
-        logits = query @ item.T / self.temperature  # (B, B): row = query, column = candidate
+    def forward(
+        self, query: Tensor, item: Tensor, item_ids: Tensor, log_q: Tensor, positive: Tensor | None = None
+    ) -> Tensor:
+        if positive is None:
+            positive = torch.arange(len(query), device=query.device)  # (B,): the batch's own items
+        logits = query @ item.T / self.temperature  # (B, N): row = query, column = candidate
         if self.logq_correction:
             logits = logits - log_q[item_ids].unsqueeze(0)
-        same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)  # (B, B)
-        same.fill_diagonal_(False)
+        # the query's own item elsewhere among the candidates is not a negative of it
+        same = item_ids[positive].unsqueeze(1) == item_ids.unsqueeze(0)  # (B, N)
+        same[torch.arange(len(query), device=query.device), positive] = False
         logits = logits.masked_fill(same, float("-inf"))
-        return F.cross_entropy(logits, torch.arange(len(item_ids), device=logits.device))
+        return F.cross_entropy(logits, positive)
 
 
 class BPRLoss(nn.Module):
