@@ -128,7 +128,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
         "choices": _hydra_choices(),
     }
     clock = TrainingClock()
-    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), RandomState(), clock]
+    random_state = RandomState()
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), random_state, clock]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     training = training_summary(trainer, datamodule)
     # what trains: a frozen or adapted encoder (model/finetune) shows here
@@ -141,6 +142,8 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
 
     metrics: dict[str, float] = {}
     if cfg.get("train"):
+        if not resume:  # a resumed run's generators come from its checkpoint
+            random_state.capture()  # DDP re-seeds at set-up: start fitting where one process would
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
     elif cfg.get("test"):  # evaluated as built (zero-shot): validated too, so that a sweep can select on it
         trainer.validate(task, datamodule=datamodule)

@@ -109,3 +109,36 @@ def test_ddp_trains_graph_and_sequence_models(model, tmp_path, data_dir):
         any(k.startswith("test/slice/user_history/") for k in r["metrics"])
         and "test/coverage@10" in r["metrics"]
     )
+
+
+# (model, extra overrides, tolerance on every test metric). The two-tower is exact: the same global batches
+# and negatives gathered from both processes (cross_rank_negatives). SASRec differs by float summation order
+# only. DIN's Dice activation normalises with each process's own batch statistics (BatchNorm without
+# synchronisation: trainer.sync_batchnorm needs GPUs), so half batches move it slightly.
+DDP_EQUALS_ONE_PROCESS = [
+    ("two_tower", [], 1e-6),
+    ("sasrec", ["model.net.dropout=0"], 1e-3),
+    ("din", ["model.net.dropout=0"], 5e-3),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "extra", "tolerance"), DDP_EQUALS_ONE_PROCESS, ids=[m for m, *_ in DDP_EQUALS_ONE_PROCESS]
+)
+def test_two_processes_equal_one_on_the_same_global_batch(model, extra, tolerance, tmp_path, data_dir):
+    """2 gloo processes with data.batch_size=32 train and test as 1 process with 64: the same global batches
+    (the DataModule shards them), the same first-epoch order, no repeated evaluation rows."""
+    common = [f"model={model}", *extra, *FAST, "evaluation=accuracy"]
+    results = {}
+    for name, args in (("one", ["data.batch_size=64"]), ("two", ["data.batch_size=32", "trainer=ddp_cpu"])):
+        run_cli([*common, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path, data_dir)
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    one, two = results["one"]["metrics"], results["two"]["metrics"]
+    assert set(one) == set(two) and results["two"]["training"]["world_size"] == 2
+    assert (
+        results["two"]["training"]["optimizer_steps_per_epoch"]
+        == results["one"]["training"]["optimizer_steps_per_epoch"]
+    )
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, abs=tolerance), key

@@ -15,6 +15,18 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+_GROUP: dict[str, object] = {}
+
+
+def _group():
+    """A process group of its own for the gathers: DDP's reducer all-reduces gradient buckets on the default
+    group while the backward pass runs, and a gather's backward collective issued on that group could pair
+    with a bucket of another process (the two streams are not ordered alike on every process)."""
+    if "group" not in _GROUP:
+        _GROUP["group"] = dist.new_group(backend=dist.get_backend())
+    return _GROUP["group"]
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather of equally shaped rows whose backward hands every process the summed gradient of its own
     rows: each process's loss may read every process's rows."""
@@ -23,14 +35,14 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x: Tensor) -> Tensor:
         rank, size = world()
         parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=_group())
         ctx.rank, ctx.rows = rank, x.shape[0]
         return torch.cat(parts)  # (size * rows, ...)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's gradient with respect to every row
+        dist.all_reduce(grad, group=_group())  # every process's gradient with respect to every row
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
@@ -47,7 +59,7 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     if size == 1:
         return x, 0
     counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(size)]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device), group=_group())
     counts = [int(c) for c in counts]
     most = max(counts)
     padded = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))]) if x.shape[0] < most else x
@@ -55,7 +67,7 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
         gathered = _GatherRows.apply(padded)  # (size * most, ...)
     else:  # ids and other constants: a plain collective
         parts = [torch.empty_like(padded) for _ in range(size)]
-        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded.contiguous(), group=_group())
         gathered = torch.cat(parts)
     rows = torch.cat([gathered[r * most : r * most + n] for r, n in enumerate(counts)])
     return rows, sum(counts[:rank])

@@ -22,7 +22,24 @@ class RandomState(pl.Callback):
     DataModule restores its own negative sampler; Lightning skips the sanity-check validation when it resumes
     from such a checkpoint, so nothing draws in between). States are stored as tensors and plain Python values,
     so checkpoints still load with `weights_only=True`.
+
+    `capture()`, called just before `trainer.fit` of a run that does not resume, makes fitting start from the
+    generators' state at that point: Lightning's DDP re-seeds every process when it sets up (`reset_seed`), which
+    would make a multi-process run shuffle differently from the single-process run of the same config. With
+    the state restored at `on_fit_start`, both start the first epoch alike (a no-op in one process, where
+    nothing draws in between).
     """
+
+    def __init__(self) -> None:
+        self._captured: dict[str, Any] | None = None
+
+    def capture(self) -> None:
+        self._captured = self.state_dict()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._captured is not None:
+            self.load_state_dict(self._captured)
+            self._captured = None
 
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
