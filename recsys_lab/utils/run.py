@@ -55,8 +55,8 @@ def training_summary(trainer: pl.Trainer, datamodule) -> dict[str, Any]:
     """How many rows one optimizer step sees, across processes: what DDP silently changes.
 
     Under DDP each of the `world_size` processes trains on its own `batch_size` rows, so one step sees the
-    global batch and an epoch has world_size times fewer steps at the same learning rate; in-batch negatives
-    (two-tower) come from the process's own batch only. Keep runs comparable by holding the global batch fixed
+    global batch and an epoch has world_size times fewer steps at the same learning rate (two-tower in-batch
+    negatives are gathered from every process). Keep runs comparable by holding the global batch fixed
     (`data.batch_size` = single-process batch / world_size) or by scaling the learning rate with it.
     """
     world = int(trainer.world_size)
