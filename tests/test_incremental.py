@@ -229,3 +229,47 @@ def test_hash_buckets_config_hashes_feature_embedding_tables(make_cfg):
         plain.with_buckets({"price": 8})
     with pytest.raises(ValueError, match="SASRec builds its own id tables for \\['item_id'\\]"):
         build(make_cfg([*model_overrides("sasrec", Path(".")), "data.hash_buckets={item_id: 128}"]))
+
+
+# ---- quotient-remainder embeddings: every id distinct in ~2 sqrt(V) rows ---------------------------------------
+def test_qr_embedding_on_a_hand_example():
+    from recsys_lab.modules.embeddings import QREmbedding
+
+    table = QREmbedding(vocab_size=10, collisions=4, embedding_dim=3)
+    assert table.quotient.weight.shape == (3, 3) and table.remainder.weight.shape == (
+        4,
+        3,
+    )  # ceil(10/4) + 4 rows
+    ids = torch.tensor([[0, 5], [9, 7]])
+    # id 9 = 2 * 4 + 1: quotient row 2 times remainder row 1
+    expected = table.quotient.weight[ids // 4] * table.remainder.weight[ids % 4]
+    assert torch.equal(table(ids), expected)
+    assert torch.equal(table(torch.tensor([9]))[0], table.quotient.weight[2] * table.remainder.weight[1])
+    assert table.weight.shape == (10, 3)
+    # complementary partitions: no two ids share both rows, so every id has its own vector
+    pairs = {(i // 4, i % 4) for i in range(10)}
+    assert len(pairs) == 10 and len(torch.unique(table.weight, dim=0)) == 10
+    with pytest.raises(ValueError, match="collisions=10"):
+        QREmbedding(10, 10, 3)
+
+
+def test_qr_embeddings_config_builds_compositional_tables(make_cfg):
+    from recsys_lab.modules.embeddings import QREmbedding
+    from recsys_lab.train import build
+    from tests.helpers import model_overrides
+
+    cfg = make_cfg([*model_overrides("din", Path(".")), "data.qr_embeddings={item_id: 16}"])
+    datamodule, task = build(cfg)
+    table = task.net.embedding.tables["item_id"]
+    V = datamodule.schema["item_id"].vocab_size
+    assert isinstance(table, QREmbedding) and table.quotient.weight.shape[0] == -(-V // 16)
+    assert task.net.embedding.table("hist_item_id") is table
+    assert sum(p.numel() for p in table.parameters()) < V * table.quotient.weight.shape[1]
+    plain = datamodule.store.schema()
+    assert "qr_collisions" not in plain.to_dict()["features"][0]
+    with pytest.raises(ValueError, match="data.qr_embeddings.item_id=1"):
+        plain.with_qr({"item_id": 1})
+    with pytest.raises(ValueError, match="in data.hash_buckets too"):
+        plain.with_buckets({"item_id": 8}).with_qr({"item_id": 8})
+    with pytest.raises(ValueError, match="SASRec builds its own id tables for \\['item_id'\\]"):
+        build(make_cfg([*model_overrides("sasrec", Path(".")), "data.qr_embeddings={item_id: 16}"]))

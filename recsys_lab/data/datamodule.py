@@ -127,6 +127,9 @@ class RecDataModule(pl.LightningDataModule):
         hash_buckets: {sparse feature: rows}: that feature's ids are hashed into a fixed table of this many rows
             (`HashedEmbedding`) instead of one row per id, so a growing vocabulary (new users and items of an
             incremental update) needs no new rows; for models whose id tables are `FeatureEmbedding`s.
+        qr_embeddings: {sparse feature: m}: that feature is embedded by quotient-remainder tables of
+            ceil(V / m) + m rows (`QREmbedding`, Shi et al. KDD 2020), every id keeping a distinct vector; for
+            models whose id tables are `FeatureEmbedding`s.
         path / version / columns / window: shorthands that the source or split config interpolates
             (`data.path=...`, `data.version=...`, `data.columns.user=...`, `data.window=...` with
             `protocol=window`); recorded in the protocol.
@@ -158,6 +161,7 @@ class RecDataModule(pl.LightningDataModule):
         vocab_from: str | None = None,
         vocab_extend: bool = True,
         hash_buckets: dict[str, int] | None = None,
+        qr_embeddings: dict[str, int] | None = None,
         path: str | None = None,
         version: str | None = None,
         columns: dict | None = None,
@@ -181,6 +185,7 @@ class RecDataModule(pl.LightningDataModule):
         self.path, self.version, self.columns, self.window = path, version, columns, window
         self.vocab_from, self.vocab_extend = vocab_from, bool(vocab_extend)
         self.hash_buckets = dict(hash_buckets or {})
+        self.qr_embeddings = dict(qr_embeddings or {})
         self._inherited: Inherited | None = None
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -277,6 +282,8 @@ class RecDataModule(pl.LightningDataModule):
         self.schema = self.store.schema()
         if self.hash_buckets:
             self.schema = self.schema.with_buckets(self.hash_buckets)
+        if self.qr_embeddings:
+            self.schema = self.schema.with_qr(self.qr_embeddings)
         self.rows, self.queries = self._subsample(p)
         if self.train_negatives is not None:
             self.negatives = self.store.training_negatives(self.train_negatives, self.seed)
@@ -402,6 +409,7 @@ class RecDataModule(pl.LightningDataModule):
             "time_context": self.time_context,
             "cold_items": self.cold_items,
             "hash_buckets": self.hash_buckets,
+            "qr_embeddings": self.qr_embeddings,
             "numeric_buckets": self.numeric_buckets,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,

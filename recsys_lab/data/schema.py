@@ -39,6 +39,8 @@ class Feature:
             items is embedded with the item-id table, so history and candidate live in one space).
         buckets: for a sparse feature, hash its ids into this many embedding rows instead of one row per id
             (`data.hash_buckets`; `recsys_lab.modules.embeddings.HashedEmbedding`); None: one row per id.
+        qr_collisions: for a sparse feature, m of a quotient-remainder embedding (`data.qr_embeddings`;
+            `recsys_lab.modules.embeddings.QREmbedding`): ceil(V / m) + m rows, every id distinct.
     """
 
     name: str
@@ -49,6 +51,10 @@ class Feature:
     max_len: int = 0
     embed_as: str | None = None
     buckets: int | None = None
+    qr_collisions: int | None = None
+
+
+OPTIONAL_KEYS = ("buckets", "qr_collisions")  # Feature fields left out of `Schema.to_dict` when unset
 
 
 @dataclass
@@ -124,6 +130,32 @@ class Schema:
             if key not in by_name or by_name[key].kind != "sparse":
                 raise ValueError(f"schema: '{key}' must be a sparse feature; features are {names}")
 
+    def with_qr(self, collisions: dict[str, int]) -> Schema:
+        """The same schema with sparse features `collisions` ({name: m}) embedded by quotient-remainder tables
+        (`data.qr_embeddings`); a feature is hashed or compositional, not both."""
+        by_name = {f.name: f for f in self.features}
+        for name, m in collisions.items():
+            if name not in by_name or by_name[name].kind != "sparse":
+                sparse = [f.name for f in self.features if f.kind == "sparse"]
+                raise ValueError(
+                    f"data.qr_embeddings: '{name}' is not a sparse feature; sparse features are {sparse}"
+                )
+            size = by_name[name].vocab_size
+            if isinstance(m, bool) or not isinstance(m, int) or not 2 <= m < size:
+                raise ValueError(
+                    f"data.qr_embeddings.{name}={m!r}: expected an integer 2 <= m < {size} (the vocabulary); "
+                    f"about sqrt({size}) = {round(size**0.5)} uses the fewest rows"
+                )
+            if by_name[name].buckets:
+                raise ValueError(
+                    f"data.qr_embeddings.{name}: '{name}' is in data.hash_buckets too; choose one"
+                )
+        features = [
+            dataclasses.replace(f, qr_collisions=collisions[f.name]) if f.name in collisions else f
+            for f in self.features
+        ]
+        return dataclasses.replace(self, features=features)
+
     def with_buckets(self, buckets: dict[str, int]) -> Schema:
         """The same schema with the ids of sparse features `buckets` ({name: rows}) hashed into that many
         embedding rows (seq features sharing their table follow them); `data.hash_buckets`."""
@@ -174,9 +206,11 @@ class Schema:
     def to_dict(self) -> dict:
         """Plain-Python form (no tensors): safe for hparams, JSON and `weights_only` checkpoints."""
         return {
-            # `buckets` only when set: the layout (and the fingerprint) of unhashed schemas stays as it was
+            # `buckets` / `qr_collisions` only when set: the layout (and the fingerprint) of uncompressed schemas
+            # stays as it was
             "features": [
-                {k: v for k, v in asdict(f).items() if k != "buckets" or v is not None} for f in self.features
+                {k: v for k, v in asdict(f).items() if k not in OPTIONAL_KEYS or v is not None}
+                for f in self.features
             ],
             "user_id": self.user_id,
             "item_id": self.item_id,

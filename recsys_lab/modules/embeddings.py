@@ -43,9 +43,40 @@ class HashedEmbedding(nn.Module):
         return self.table(self.rows(ids))
 
 
+class QREmbedding(nn.Module):
+    """Quotient-remainder compositional embedding (Shi et al., "Compositional Embeddings Using Complementary
+    Partitions for Memory-Efficient Recommendation Systems", KDD 2020, arXiv:1909.02107): id i reads row
+    i // m of a quotient table (ceil(V / m) rows) and row i mod m of a remainder table (m rows), and the two are
+    multiplied element-wise (the paper's best operation). The two partitions are complementary, so every id
+    keeps a distinct vector while the tables hold ceil(V / m) + m rows instead of V (at m ≈ sqrt(V), about
+    2 sqrt(V)); unlike hashing, no two ids share a representation.
+
+    forward(ids int64 any shape S, each < vocab_size) -> (*S, D); `weight` is the (vocab_size, D) matrix of
+    every id's vector, computed.
+    """
+
+    def __init__(self, vocab_size: int, collisions: int, embedding_dim: int) -> None:
+        super().__init__()
+        if collisions < 2 or collisions >= vocab_size:
+            raise ValueError(
+                f"QREmbedding: collisions={collisions}, expected 2 <= m < vocab_size={vocab_size}"
+            )
+        self.vocab_size, self.collisions = vocab_size, collisions
+        self.quotient = nn.Embedding(-(-vocab_size // collisions), embedding_dim)  # ceil(V / m) rows
+        self.remainder = nn.Embedding(collisions, embedding_dim)
+
+    @property
+    def weight(self) -> Tensor:
+        return self(torch.arange(self.vocab_size, device=self.quotient.weight.device))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.quotient(ids // self.collisions) * self.remainder(ids % self.collisions)
+
+
 class FeatureEmbedding(nn.Module):
     """One embedding table per sparse feature; seq features share the table named by their `embed_as`. A
-    feature with `buckets` (`data.hash_buckets`) gets a `HashedEmbedding` of that many rows instead.
+    feature with `buckets` (`data.hash_buckets`) gets a `HashedEmbedding` of that many rows instead, one with
+    `qr_collisions` (`data.qr_embeddings`) a `QREmbedding`.
 
     A seq feature without `embed_as` gets a table of its own. Only the features a model reads should get a table,
     otherwise unused tables never receive gradients: `sides` keeps the sparse and seq features of those sides,
@@ -68,12 +99,13 @@ class FeatureEmbedding(nn.Module):
         self._table_of.update({f.name: f.embed_as or f.name for f in seq})
         self.tables = nn.ModuleDict()
         for table in dict.fromkeys(self._table_of.values()):  # ordered and unique: stable parameter order
-            buckets = schema[table].buckets  # data.hash_buckets: a fixed table, ids hashed into it
-            self.tables[table] = (
-                HashedEmbedding(buckets, embedding_dim)
-                if buckets
-                else nn.Embedding(schema[table].vocab_size, embedding_dim)
-            )
+            feature = schema[table]
+            if feature.buckets:  # data.hash_buckets: a fixed table, ids hashed into it
+                self.tables[table] = HashedEmbedding(feature.buckets, embedding_dim)
+            elif feature.qr_collisions:  # data.qr_embeddings: quotient and remainder tables
+                self.tables[table] = QREmbedding(feature.vocab_size, feature.qr_collisions, embedding_dim)
+            else:
+                self.tables[table] = nn.Embedding(feature.vocab_size, embedding_dim)
 
     def table(self, name: str) -> nn.Module:
         """The table a sparse or seq feature is looked up in (shared tables are the same object)."""
@@ -97,9 +129,10 @@ class FeatureEmbedding(nn.Module):
 
 
 def check_hashed_features(net: nn.Module, schema: Schema) -> None:
-    """`data.hash_buckets` applies to the tables `FeatureEmbedding` builds: a model that builds its own id table
-    of a hashed feature (sized by its vocabulary) would silently ignore it, so it stops with the feature named."""
-    hashed = {f.name: f.vocab_size for f in schema.features if f.buckets}
+    """`data.hash_buckets` / `data.qr_embeddings` apply to the tables `FeatureEmbedding` builds: a model that
+    builds its own id table of such a feature (sized by its vocabulary) would silently ignore them, so it stops
+    with the feature named."""
+    hashed = {f.name: f.vocab_size for f in schema.features if f.buckets or f.qr_collisions}
     if not hashed:
         return
     served = {
@@ -107,7 +140,7 @@ def check_hashed_features(net: nn.Module, schema: Schema) -> None:
         for m in net.modules()
         if isinstance(m, FeatureEmbedding)
         for name, table in m.tables.items()
-        if isinstance(table, HashedEmbedding)
+        if isinstance(table, (HashedEmbedding, QREmbedding))
     }
     # tables outside any FeatureEmbedding sized like a hashed vocabulary: a model's own id table of that feature
     inside = {id(t) for m in net.modules() if isinstance(m, FeatureEmbedding) for t in m.modules()}
@@ -120,9 +153,9 @@ def check_hashed_features(net: nn.Module, schema: Schema) -> None:
     unserved = sorted((set(hashed) - served) | own)
     if unserved:
         raise ValueError(
-            f"data.hash_buckets: {type(net).__name__} builds its own id tables for {unserved} (or does not read "
-            "them), so they cannot be hashed; hashing applies to models whose tables are FeatureEmbedding's "
-            "(din, two_tower, deepfm, dcnv2, ...)"
+            f"data.hash_buckets / data.qr_embeddings: {type(net).__name__} builds its own id tables for "
+            f"{unserved} (or does not read them), so they cannot be compressed; hashing and quotient-remainder "
+            "tables apply to models whose tables are FeatureEmbedding's (din, two_tower, deepfm, dcnv2, ...)"
         )
 
 
