@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -133,45 +134,44 @@ class Schema:
     def with_qr(self, collisions: dict[str, int]) -> Schema:
         """The same schema with sparse features `collisions` ({name: m}) embedded by quotient-remainder tables
         (`data.qr_embeddings`); a feature is hashed or compositional, not both."""
-        by_name = {f.name: f for f in self.features}
-        for name, m in collisions.items():
-            if name not in by_name or by_name[name].kind != "sparse":
-                sparse = [f.name for f in self.features if f.kind == "sparse"]
-                raise ValueError(
-                    f"data.qr_embeddings: '{name}' is not a sparse feature; sparse features are {sparse}"
+
+        def check(f: Feature, m: Any) -> str | None:
+            if isinstance(m, bool) or not isinstance(m, int) or not 2 <= m < f.vocab_size:
+                return (
+                    f"expected an integer 2 <= m < {f.vocab_size} (the vocabulary); about "
+                    f"sqrt({f.vocab_size}) = {round(f.vocab_size**0.5)} uses the fewest rows"
                 )
-            size = by_name[name].vocab_size
-            if isinstance(m, bool) or not isinstance(m, int) or not 2 <= m < size:
-                raise ValueError(
-                    f"data.qr_embeddings.{name}={m!r}: expected an integer 2 <= m < {size} (the vocabulary); "
-                    f"about sqrt({size}) = {round(size**0.5)} uses the fewest rows"
-                )
-            if by_name[name].buckets:
-                raise ValueError(
-                    f"data.qr_embeddings.{name}: '{name}' is in data.hash_buckets too; choose one"
-                )
-        features = [
-            dataclasses.replace(f, qr_collisions=collisions[f.name]) if f.name in collisions else f
-            for f in self.features
-        ]
-        return dataclasses.replace(self, features=features)
+            return f"'{f.name}' is in data.hash_buckets too; choose one" if f.buckets else None
+
+        return self._compressed("data.qr_embeddings", "qr_collisions", collisions, check)
 
     def with_buckets(self, buckets: dict[str, int]) -> Schema:
         """The same schema with the ids of sparse features `buckets` ({name: rows}) hashed into that many
         embedding rows (seq features sharing their table follow them); `data.hash_buckets`."""
+
+        def check(f: Feature, n: Any) -> str | None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                return "expected an integer >= 2 (row 0 stays 'unknown')"
+            return None
+
+        return self._compressed("data.hash_buckets", "buckets", buckets, check)
+
+    def _compressed(
+        self, key: str, field_name: str, values: dict[str, Any], check: Callable[[Feature, Any], str | None]
+    ) -> Schema:
+        """The schema with `field_name` set on the sparse features named in `values` (config `key`); a
+        ValueError naming the key for any other feature or a value `check` refuses."""
         by_name = {f.name: f for f in self.features}
-        for name, n in buckets.items():
+        for name, value in values.items():
             if name not in by_name or by_name[name].kind != "sparse":
                 sparse = [f.name for f in self.features if f.kind == "sparse"]
-                raise ValueError(
-                    f"data.hash_buckets: '{name}' is not a sparse feature; sparse features are {sparse}"
-                )
-            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-                raise ValueError(
-                    f"data.hash_buckets.{name}={n!r}: expected an integer >= 2 (row 0 stays 'unknown')"
-                )
+                raise ValueError(f"{key}: '{name}' is not a sparse feature; sparse features are {sparse}")
+            problem = check(by_name[name], value)
+            if problem:
+                raise ValueError(f"{key}.{name}={value!r}: {problem}")
         features = [
-            dataclasses.replace(f, buckets=buckets[f.name]) if f.name in buckets else f for f in self.features
+            dataclasses.replace(f, **{field_name: values[f.name]}) if f.name in values else f
+            for f in self.features
         ]
         return dataclasses.replace(self, features=features)
 
