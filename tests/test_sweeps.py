@@ -142,3 +142,39 @@ def test_two_processes_equal_one_on_the_same_global_batch(model, extra, toleranc
     )
     for key, value in one.items():
         assert two[key] == pytest.approx(value, abs=tolerance), key
+
+
+@pytest.mark.slow
+def test_torchrun_and_multirun_launches_equal_one_process(tmp_path, data_dir):
+    """The supported launches of a 2-process run give the single-process result (two-tower, exact): torchrun
+    starting both processes (Lightning sees its environment and launches nothing), and a Hydra multirun of
+    `trainer=ddp_cpu` jobs (Lightning re-launches each job's second process with that job's overrides)."""
+    env = {**os.environ, "RECSYS_LAB_DATA": str(data_dir), "WANDB_MODE": "disabled"}
+    common = ["model=two_tower", "seed=1", *FAST, "evaluation=accuracy"]
+    run_cli([*common, "data.batch_size=64", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, data_dir)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # every process must write into the same run directory: a fixed hydra.run.dir, not a timestamp each
+    args = [*common, "data.batch_size=32", "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'torchrun'}"]
+    proc = subprocess.run(
+        [*torchrun, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multirun = [
+        "-m",
+        *[a if a != "seed=1" else "seed=1,2" for a in common],
+        "data.batch_size=32",
+        "trainer=ddp_cpu",
+    ]
+    run_cli([*multirun, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, data_dir)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
+    for launched in (tmp_path / "torchrun", tmp_path / "sweep" / "0"):
+        results = json.loads((launched / "results.json").read_text())
+        assert results["training"]["world_size"] == 2 and results["seed"] == 1
+        for key, value in one.items():
+            assert results["metrics"][key] == pytest.approx(value, abs=1e-6), (launched.name, key)
+    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["seed"] == 2
