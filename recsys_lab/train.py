@@ -179,7 +179,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     results["environment"] = environment(cfg.trainer.get("deterministic"))
     results["history"] = clock.epochs
     if task.analysis is not None:
-        results["evaluation"] = task.analysis.spec.describe()
+        results["evaluation"] = task.analysis.describe()
     if cfg.get("repro") is not None:  # a published setup (conf/experiment/repro): expected vs obtained
         results["reproduction"] = check_reproduction(
             cfg.repro, metrics, cfg.get("protocol_preset"), config=cfg

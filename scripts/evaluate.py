@@ -72,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "output_dir": cfg.paths.output_dir,
     }
     if task.analysis is not None and task.analysis.results and trainer.is_global_zero:
-        results["evaluation"] = task.analysis.spec.describe()
+        results["evaluation"] = task.analysis.describe()
         results["files"] = save_analysis(task.analysis, Path(cfg.paths.output_dir), history=[])
     if trainer.is_global_zero:  # under DDP every process holds the same synced values; one writes them
         write_results(results, Path(cfg.paths.output_dir))

@@ -340,6 +340,10 @@ def test_a_ranking_run_writes_per_query_values_curves_and_plots(make_cfg, tmp_pa
         png = (out / "plots" / f"{name}.png").read_bytes()
         assert png[:8] == PNG and len(png) > 5000, name
     assert 0 < metrics["test/coverage@10"] <= metrics["test/coverage@50"] <= 1
+    # what `auto` resolved to is recorded with the results: the simulator's first category and vector columns
+    evaluation = results["evaluation"]
+    assert evaluation["category"] == "auto" and evaluation["category_column"] == "cat1"
+    assert evaluation["vector_column"] == "image" and "item_popularity" in evaluation["groupings"]
     # the training curves' record: each epoch's mean training loss and validation metrics
     assert [e["epoch"] for e in results["history"]] == [0]
     assert 0 < results["history"][0]["train/loss_mean"] < 100 and "val/ndcg@10" in results["history"][0]

@@ -16,10 +16,13 @@ from tests.helpers import REPO, SMALL_DATA
 FAST = [*SMALL_DATA, "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
 
 
-def run_cli(args: list[str], tmp_path, data_dir) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], tmp_path, data_dir, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """train.py with `args` in a fresh interpreter (under `launcher`, e.g. torchrun's arguments, if given)."""
     env = {**os.environ, "RECSYS_LAB_DATA": str(data_dir), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
+        [sys.executable, *launcher, str(REPO / "train.py"), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -149,21 +152,12 @@ def test_torchrun_and_multirun_launches_equal_one_process(tmp_path, data_dir):
     """The supported launches of a 2-process run give the single-process result (two-tower, exact): torchrun
     starting both processes (Lightning sees its environment and launches nothing), and a Hydra multirun of
     `trainer=ddp_cpu` jobs (Lightning re-launches each job's second process with that job's overrides)."""
-    env = {**os.environ, "RECSYS_LAB_DATA": str(data_dir), "WANDB_MODE": "disabled"}
     common = ["model=two_tower", "seed=1", *FAST, "evaluation=accuracy"]
     run_cli([*common, "data.batch_size=64", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path, data_dir)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     # every process must write into the same run directory: a fixed hydra.run.dir, not a timestamp each
     args = [*common, "data.batch_size=32", "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'torchrun'}"]
-    proc = subprocess.run(
-        [*torchrun, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(args, tmp_path, data_dir, launcher=torchrun)
     multirun = [
         "-m",
         *[a if a != "seed=1" else "seed=1,2" for a in common],

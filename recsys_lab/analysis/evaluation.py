@@ -429,6 +429,14 @@ class TestAnalysis(nn.Module):
             )
         self.results: dict[str, Any] = {}
 
+    def describe(self) -> dict:
+        """The analysis's settings as results.json records them: the config, and what `auto` resolved to."""
+        return self.spec.describe() | {
+            "category_column": self.data.category_column,
+            "vector_column": self.data.vector_column,
+            "groupings": [g.name for g in self.data.groupings],
+        }
+
     def _default_slice_metrics(self) -> list[str]:
         """Every ranking metric at the smallest k and the untruncated MRR; the CTR metrics."""
         if self.kind != "ranking":

@@ -53,6 +53,13 @@ def require_methods(net: nn.Module, task: str, names: Sequence[str] = ENCODERS) 
         )
 
 
+def column_codes(batch: Batch, scores: Tensor) -> Tensor:
+    """The item code of each column of a query batch's scores: the stored candidates (B, C) under a sampled
+    protocol, every code (V,) under full ranking."""
+    cands = batch.eval.candidates
+    return cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
+
+
 class RankingEvaluation(nn.Module):
     """Ranking metrics per stage plus the scoring of query batches.
 
@@ -169,8 +176,7 @@ class RankingEvaluation(nn.Module):
         else:
             values = metric.per_query(scores, relevant)  # (B, M): the metrics of each query
             metric.update(scores, relevant, values)
-            cands = batch.eval.candidates
-            codes = cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
+            codes = column_codes(batch, scores)
             analysis.ranking_step(metric.per_query, batch, scores, relevant, codes, values)
         if self.first_cold_item is not None:
             self._update_cold(batch, stage, scores, relevant)
@@ -178,8 +184,7 @@ class RankingEvaluation(nn.Module):
     def _update_cold(self, batch: Batch, stage: str, scores: Tensor, relevant: Tensor) -> None:
         """The cold-start slice: queries with a target on an untrained item, only those targets relevant and
         the query's other targets taken out of the ranking."""
-        cands = batch.eval.candidates
-        codes = cands.ids if cands is not None else torch.arange(scores.shape[1], device=scores.device)
+        codes = column_codes(batch, scores)
         cold = relevant & (codes >= self.first_cold_item)  # (B, C)
         rows = cold.any(1)
         if rows.any():
