@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys_lab.analysis.evaluation import EvaluationSpec
 from recsys_lab.analysis.report import environment, log_to_loggers, save_analysis
 from recsys_lab.data.datamodule import RecDataModule
+from recsys_lab.modules.compiled import compile_net, compile_options
 from recsys_lab.modules.embeddings import check_hashed_features
 from recsys_lab.modules.finetune import parameter_counts
 from recsys_lab.tasks.base import RecTask
@@ -32,6 +33,11 @@ from recsys_lab.utils.checks import (
     load_checkpoint,
     user_error_message,
     validate_config,
+)
+from recsys_lab.utils.launch import (
+    check_strategy_fits_model,
+    check_strategy_installed,
+    instantiate_trainer,
 )
 from recsys_lab.utils.pretrained import register_resolvers
 from recsys_lab.utils.repro import check_repro_config, check_reproduction, print_reproduction
@@ -78,6 +84,9 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
         reads_features=getattr(net, "reads_features", True),
     )
     task.connect(view.eval_context())
+    options = compile_options(cfg.get("compile"))
+    if options is not None:  # after the view: its batches are what the compiled methods will see
+        compile_net(net, **options)
     if (
         cfg.get("evaluation") is not None
     ):  # the test stage's extras: beyond accuracy, slices, per-query values
@@ -91,6 +100,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, RecTask]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test, print and save the results; returns the results dict."""
     validate_config(cfg)
+    # a strategy whose optional extra is missing (DeepSpeed) stops before data preparation
+    check_strategy_installed(cfg.trainer.get("strategy"))
     check_repro_config(cfg.get("repro"))  # a malformed published-result block fails before data preparation
     resume = cfg.get("ckpt_path")
     if resume:
@@ -113,6 +124,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     warm_start = warm_start_from(task, cfg.init_from) if cfg.get("init_from") and not resume else None
     if cfg.monitor is None:  # null = the objective's headline metric under this data's evaluation
         OmegaConf.update(cfg, "monitor", task.default_monitor())
+    check_strategy_fits_model(cfg.trainer.get("strategy"), task.net)
     check_metric_names(cfg, task)  # a typo in `monitor` fails now, not after an epoch of training
     output_dir = Path(cfg.paths.output_dir)
     commit = git_commit()
@@ -130,7 +142,7 @@ def _fit_and_test(cfg: DictConfig, loggers: list, resume: str | None) -> dict[st
     clock = TrainingClock()
     random_state = RandomState()
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [RunMetadata(run_info), random_state, clock]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: pl.Trainer = instantiate_trainer(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     training = training_summary(trainer, datamodule)
     # what trains: a frozen or adapted encoder (model/finetune) shows here
     training["trainable_parameters"], training["total_parameters"] = parameter_counts(task)

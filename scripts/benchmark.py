@@ -19,6 +19,9 @@ batches, then times the next N batches only. The numbers:
 - train samples/s: training rows per second of optimisation steps: the task's own `training_step` (forward +
   loss), `backward()` and `optimizer.step()`. Gathering a batch and copying it to the device happen outside
   the timer, and so does Lightning's loop overhead (hooks, logging, progress bar): this is the model's cost.
+- peak memory: the process's peak resident memory (data preparation included); on CUDA also the peak memory
+  allocated by tensors (`torch.cuda.max_memory_allocated`) and the mean GPU utilisation sampled every 0.1 s
+  during the timed training steps (`torch.cuda.utilization`, NVML; omitted without pynvml).
 - eval scored pairs/s: (query, item) scores per second from the task's public `evaluate_batch` (what
   `validation_step` calls), in eval mode under `torch.no_grad()`. Metric updates are included, as in
   validation. A CTR model scores one impression
@@ -41,7 +44,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -218,7 +223,12 @@ def benchmark_model(model: str, overrides: list[str], args: argparse.Namespace) 
     print(f"[{model}] built in {build_s:.1f}s; timing on {device}", file=sys.stderr, flush=True)
 
     gather = measure_gather(datamodule.train_dataloader(), args.gather_batches, args.warmup)
-    train = measure_train(task, datamodule.train_dataloader(), train_batches, args.warmup, device, autocast)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with GpuUtilisation(device) as utilisation:
+        train = measure_train(
+            task, datamodule.train_dataloader(), train_batches, args.warmup, device, autocast
+        )
     evaluate = measure_eval(task, datamodule, eval_batches, args.warmup, device, autocast)
     return {
         "model": model,
@@ -236,7 +246,45 @@ def benchmark_model(model: str, overrides: list[str], args: argparse.Namespace) 
         "train_batches": train_batches,
         "eval_batches": eval_batches,
         "build_s": build_s,
+        # the process's peak resident memory so far (data preparation included), and on CUDA the peak memory
+        # allocated by tensors and the mean GPU utilisation (nvidia-smi's %) during the timed training steps
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3,
+        "gpu_peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1024**3
+        if device.type == "cuda"
+        else None,
+        "gpu_utilisation_pct": utilisation.mean,
     }
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (%) sampled every 0.1 s while the block runs; None off CUDA or without pynvml
+    (`torch.cuda.utilization` reads NVML)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples, self._stop = device, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.utilization(self.device)
+            except Exception:  # no pynvml / NVML: report None rather than fail the benchmark
+                return self
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def environment() -> dict[str, Any]:
@@ -251,20 +299,31 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _memory(r: dict[str, Any]) -> str:
+    """Process RSS; on CUDA also the GPU's peak tensor memory and mean utilisation."""
+    if r.get("gpu_peak_memory_gb") is None:
+        return f"{r['peak_rss_gb']:.2f} RSS"
+    util = r.get("gpu_utilisation_pct")
+    busy = f", {util:.0f}% busy" if util is not None else ""
+    return f"{r['gpu_peak_memory_gb']:.2f} GPU{busy}; {r['peak_rss_gb']:.2f} RSS"
+
+
 def _rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
-        "| model | batch size (train / eval) | gather rows/s | train samples/s | eval scored pairs/s | device |",
-        "|---|---:|---:|---:|---:|---|",
+        "| model | batch size (train / eval) | gather rows/s | train samples/s | eval scored pairs/s | device "
+        "| peak memory (GB) |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         device = r["device"] if r["precision"] in ("32-true", "32") else f"{r['device']} ({r['precision']})"
         lines.append(
             f"| {r['model']} | {r['batch_size']} / {r['eval_batch_size']} | {_rate(r['gather_rows_per_s'])} "
-            f"| {_rate(r['train_samples_per_s'])} | {_rate(r['eval_pairs_per_s'])} | {device} |"
+            f"| {_rate(r['train_samples_per_s'])} | {_rate(r['eval_pairs_per_s'])} | {device} "
+            f"| {_memory(r)} |"
         )
     lines.append("")
     lines.append(

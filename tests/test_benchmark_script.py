@@ -30,11 +30,14 @@ def test_benchmark_reports_positive_rates(tmp_path, capsys):
     for row in saved["results"]:
         for key in ("gather_rows_per_s", "train_samples_per_s", "eval_pairs_per_s"):
             assert row[key] > 0, (row["model"], key)
+        assert 0.1 < row["peak_rss_gb"] < 64  # this process's peak resident memory, in GB
+        assert row["gpu_peak_memory_gb"] is None and row["gpu_utilisation_pct"] is None  # on the CPU
     # two_tower scores every query against the whole catalogue: the item codes fitted on the training rows
     # of the small simulator (at most its 200 items, plus code 0 for unknown items)
     assert 100 < saved["results"][1]["catalogue_items"] <= 201
     printed = capsys.readouterr().out
     assert "| din | 256 / 512 |" in printed and "| two_tower | 256 / 512 |" in printed
+    assert f"| {saved['results'][0]['peak_rss_gb']:.2f} RSS |" in printed
 
 
 def test_fit_mode_reports_time_to_quality(tmp_path, capsys, monkeypatch):

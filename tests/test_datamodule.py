@@ -303,12 +303,24 @@ def test_sharded_batches_are_the_single_process_batches_split():
     rows = [
         b.tolist() for r in range(3) for b in TensorBatches(SequentialSampler(data), 16, False, shard=(r, 3))
     ]
-    assert sorted(sum(rows, [])) == data and max(len(b) for b in rows) == 16
+    assert sorted(sum(rows, [])) == data and max(len(b) for b in rows) == 12  # 35 rows: 12 + 12 + 11
     assert [len(TensorBatches(SequentialSampler(data), 16, False, shard=(r, 3))) for r in range(3)] == [
         3,
         3,
         3,
     ]
+    # 97 rows: parts of 49 and 48; batched by 16 alone they would take 4 and 3 steps, and a process whose
+    # evaluation steps are collectives (TorchRec's sharded tables) would wait on the other forever
+    uneven = [
+        [b.tolist() for b in TensorBatches(SequentialSampler(data[:97]), 16, False, (r, 2))] for r in (0, 1)
+    ]
+    assert [len(p) for p in uneven] == [
+        len(TensorBatches(SequentialSampler(data[:97]), 16, False, (r, 2))) for r in (0, 1)
+    ]
+    assert [len(p) for p in uneven] == [4, 4] and max(len(b) for p in uneven for b in p) <= 16
+    assert sum(sum(uneven, []), []) == data[:97]  # in order, each row once
+    # fewer rows than processes: the last process has nothing to evaluate, and no empty batch
+    assert [list(TensorBatches(SequentialSampler(data[:1]), 16, False, (r, 2))) for r in (0, 1)][1] == []
 
 
 def test_training_loader_yields_tensor_batches_in_a_seeded_order(dm):

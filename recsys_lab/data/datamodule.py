@@ -95,6 +95,10 @@ class RecDataModule(pl.LightningDataModule):
             "popularity_N" or a sampler object; None uses the logged labels as they are.
         ctr_eval: how CTR objectives are evaluated: "impressions" (logged rows: AUC, GAUC, LogLoss) or "ranking".
         batch_size / eval_batch_size: rows per training / evaluation batch (evaluation: queries for ranking).
+        eval_max_scores: under full ranking, the most scores one evaluation batch may hold (queries x catalogue
+            items): fewer than `eval_batch_size` queries go into a batch when the catalogue is large, so that
+            the score matrix, its masks and top-k stay memory-bounded on any device (2**28 scores: 1 GiB of
+            float32; 1M items: 268 queries a batch). None: no bound. Metrics do not depend on the batching.
         history_len: L, the most recent positives carried as the behaviour sequence.
         history_features: item categorical columns carried along the history besides the item id.
         context: False drops the interaction context features (the simulator's hour, weekday, device, ...;
@@ -130,6 +134,9 @@ class RecDataModule(pl.LightningDataModule):
         qr_embeddings: {sparse feature: m}: that feature is embedded by quotient-remainder tables of
             ceil(V / m) + m rows (`QREmbedding`, Shi et al. KDD 2020), every id keeping a distinct vector; for
             models whose id tables are `FeatureEmbedding`s.
+        torchrec_tables: [sparse feature, ...]: those features' tables are TorchRec `EmbeddingCollection`s
+            (`TorchRecEmbedding`, an optional extra), which `trainer=torchrec` shards across processes; for models
+            whose id tables are `FeatureEmbedding`s.
         path / version / columns / window: shorthands that the source or split config interpolates
             (`data.path=...`, `data.version=...`, `data.columns.user=...`, `data.window=...` with
             `protocol=window`); recorded in the protocol.
@@ -146,6 +153,7 @@ class RecDataModule(pl.LightningDataModule):
         ctr_eval: str = "impressions",
         batch_size: int = 1024,
         eval_batch_size: int = 4096,
+        eval_max_scores: int | None = 2**28,
         history_len: int = 30,
         history_features: list[str] | tuple[str, ...] = (),
         context: bool = True,
@@ -162,6 +170,7 @@ class RecDataModule(pl.LightningDataModule):
         vocab_extend: bool = True,
         hash_buckets: dict[str, int] | None = None,
         qr_embeddings: dict[str, int] | None = None,
+        torchrec_tables: list[str] | tuple[str, ...] | None = None,
         path: str | None = None,
         version: str | None = None,
         columns: dict | None = None,
@@ -171,6 +180,7 @@ class RecDataModule(pl.LightningDataModule):
         for key, value in {"batch_size": batch_size, "eval_batch_size": eval_batch_size}.items():
             _check_int(key, value, 1)
         _check_int("history_len", history_len, 1)
+        _check_int("eval_max_scores", eval_max_scores, 1, allow_none=True)
         _check_int("max_train_rows", max_train_rows, 1, allow_none=True)
         _check_int("max_eval_rows", max_eval_rows, 1, allow_none=True)
         _check_int("num_workers", num_workers, 0)
@@ -186,9 +196,11 @@ class RecDataModule(pl.LightningDataModule):
         self.vocab_from, self.vocab_extend = vocab_from, bool(vocab_extend)
         self.hash_buckets = dict(hash_buckets or {})
         self.qr_embeddings = dict(qr_embeddings or {})
+        self.torchrec_tables = list(torchrec_tables or [])
         self._inherited: Inherited | None = None
         self.cache_dir = Path(cache_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.eval_max_scores = eval_max_scores
         self.history_len = history_len
         self.history_features = list(history_features)
         self.context = bool(context)
@@ -284,6 +296,8 @@ class RecDataModule(pl.LightningDataModule):
             self.schema = self.schema.with_buckets(self.hash_buckets)
         if self.qr_embeddings:
             self.schema = self.schema.with_qr(self.qr_embeddings)
+        if self.torchrec_tables:
+            self.schema = self.schema.with_torchrec(self.torchrec_tables)
         self.rows, self.queries = self._subsample(p)
         if self.train_negatives is not None:
             self.negatives = self.store.training_negatives(self.train_negatives, self.seed)
@@ -358,6 +372,8 @@ class RecDataModule(pl.LightningDataModule):
             dataset,
             batch_sampler=TensorBatches(order, batch_size, drop_last=False, shard=shard),
             collate_fn=_identity,
+            # batches are gathered on the CPU; to a GPU they go from page-locked memory, without blocking
+            pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -369,10 +385,19 @@ class RecDataModule(pl.LightningDataModule):
         return self._loader(self.view.train_dataset(), self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.view.eval_dataset("val"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.view.eval_dataset("val"), self.eval_rows(), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.view.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.view.eval_dataset("test"), self.eval_rows(), shuffle=False)
+
+    def eval_rows(self) -> int:
+        """Rows per evaluation batch: `eval_batch_size`, fewer under full ranking where that many queries times
+        the catalogue would exceed `eval_max_scores` (sampled candidates and impressions are narrow)."""
+        view = self.view
+        full = view.evaluation == "ranking" and self.store.meta.eval_candidates.startswith("full")
+        if not full or self.eval_max_scores is None:
+            return self.eval_batch_size
+        return max(1, min(self.eval_batch_size, self.eval_max_scores // self.store.num_item_codes))
 
     # ---- checkpointed state: the negative sampler's generator (a resumed run draws what it would have) ------
     def state_dict(self) -> dict[str, Any]:
@@ -410,6 +435,7 @@ class RecDataModule(pl.LightningDataModule):
             "cold_items": self.cold_items,
             "hash_buckets": self.hash_buckets,
             "qr_embeddings": self.qr_embeddings,
+            "torchrec_tables": self.torchrec_tables,
             "numeric_buckets": self.numeric_buckets,
             "max_train_rows": self.max_train_rows,
             "max_eval_rows": self.max_eval_rows,

@@ -42,6 +42,9 @@ class Feature:
             (`data.hash_buckets`; `recsys_lab.modules.embeddings.HashedEmbedding`); None: one row per id.
         qr_collisions: for a sparse feature, m of a quotient-remainder embedding (`data.qr_embeddings`;
             `recsys_lab.modules.embeddings.QREmbedding`): ceil(V / m) + m rows, every id distinct.
+        torchrec_table: for a sparse feature, True: its table is a TorchRec `EmbeddingCollection`
+            (`data.torchrec_tables`; `recsys_lab.modules.embeddings.TorchRecEmbedding`), which `trainer=torchrec`
+            shards across processes; None: an `nn.Embedding`.
     """
 
     name: str
@@ -53,9 +56,11 @@ class Feature:
     embed_as: str | None = None
     buckets: int | None = None
     qr_collisions: int | None = None
+    torchrec_table: bool | None = None
 
 
-OPTIONAL_KEYS = ("buckets", "qr_collisions")  # Feature fields left out of `Schema.to_dict` when unset
+# Feature fields left out of `Schema.to_dict` when unset
+OPTIONAL_KEYS = ("buckets", "qr_collisions", "torchrec_table")
 
 
 @dataclass
@@ -156,6 +161,18 @@ class Schema:
 
         return self._compressed("data.hash_buckets", "buckets", buckets, check)
 
+    def with_torchrec(self, names: list[str]) -> Schema:
+        """The same schema with the tables of sparse features `names` held by TorchRec (seq features sharing
+        their table follow them); `data.torchrec_tables`. A TorchRec table has one row per id: a hashed or
+        quotient-remainder feature cannot be one."""
+
+        def check(f: Feature, _: Any) -> str | None:
+            if f.buckets or f.qr_collisions:
+                return f"'{f.name}' is in data.hash_buckets or data.qr_embeddings too; choose one"
+            return None
+
+        return self._compressed("data.torchrec_tables", "torchrec_table", dict.fromkeys(names, True), check)
+
     def _compressed(
         self, key: str, field_name: str, values: dict[str, Any], check: Callable[[Feature, Any], str | None]
     ) -> Schema:
@@ -206,8 +223,8 @@ class Schema:
     def to_dict(self) -> dict:
         """Plain-Python form (no tensors): safe for hparams, JSON and `weights_only` checkpoints."""
         return {
-            # `buckets` / `qr_collisions` only when set: the layout (and the fingerprint) of uncompressed schemas
-            # stays as it was
+            # `buckets` / `qr_collisions` / `torchrec_table` only when set: the layout (and the fingerprint) of
+            # schemas without them stays as it was
             "features": [
                 {k: v for k, v in asdict(f).items() if k not in OPTIONAL_KEYS or v is not None}
                 for f in self.features

@@ -68,7 +68,8 @@ class TensorBatches(BatchSampler):
       in the same epoch (the same order when the global RNG matches, as in the first epoch). A last global
       batch with fewer rows than processes is dropped (no process may step on nothing).
     * ordered (evaluation) batches: process r takes the r-th of `world_size` contiguous parts of the rows and
-      batches it. Nothing is repeated — Lightning's `DistributedSampler` pads with repeats, which count twice
+      cuts it into as many batches as the largest part needs (at most `batch_size` rows each), so that every
+      process runs the same number of evaluation steps. Nothing is repeated — Lightning's `DistributedSampler` pads with repeats, which count twice
       in every evaluation metric — and the metric states add up across processes.
     """
 
@@ -93,9 +94,9 @@ class TensorBatches(BatchSampler):
         elif type(sampler) is SequentialSampler:
             order = torch.arange(len(sampler.data_source))
             if self.shard is not None:
-                rank, world = self.shard
-                order = torch.tensor_split(order, world)[rank]  # (about N / world,)
-                yield from order.split(self.batch_size)
+                part = torch.tensor_split(order, self.shard[1])[self.shard[0]]  # (about N / world,)
+                if len(part):  # never an empty batch (only with batch_size 1 can a part have fewer rows)
+                    yield from torch.tensor_split(part, min(len(self), len(part)))
                 return
         else:
             for indices in super().__iter__():
@@ -124,7 +125,10 @@ class TensorBatches(BatchSampler):
         rank, world = self.shard
         n = len(self.sampler)
         if type(self.sampler) is SequentialSampler:
-            return -(-len(torch.tensor_split(torch.arange(n), world)[rank]) // self.batch_size)
+            # the same number of batches on every process (the largest part's), each of at most batch_size
+            # rows: lookups of sharded tables (TorchRec) are collectives that every process must join
+            largest = -(-n // world)
+            return -(-largest // self.batch_size) if n > rank else 0
         size = world * self.batch_size
         full, rest = divmod(n, size)
         return full + (1 if rest >= (size if self.drop_last else world) else 0)

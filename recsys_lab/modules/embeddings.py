@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -73,10 +74,73 @@ class QREmbedding(nn.Module):
         return self.quotient(ids // self.collisions) * self.remainder(ids % self.collisions)
 
 
+# the one install that works with torch 2.13 (CPU): torchrec's declared dependencies would pull the CUDA fbgemm-gpu
+# and pin torchmetrics==1.0.3; fbgemm-gpu-cpu 1.9.0 does not load on torch 2.13
+TORCHREC_INSTALL = "pip install --no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0 && pip install tensordict pyre-extensions tqdm"
+
+
+def import_torchrec():
+    """The `torchrec` module, or an ImportError naming the install (TorchRec is an optional extra)."""
+    try:
+        import torchrec
+    except ImportError as err:
+        raise ImportError(
+            f"data.torchrec_tables / trainer=torchrec need TorchRec, an optional extra: {TORCHREC_INSTALL}"
+        ) from err
+    return torchrec
+
+
+def _keep_init(weight: Tensor) -> None:
+    """A TorchRec `init_fn` that leaves the weight as `nn.Embedding` initialised it."""
+
+
+class TorchRecEmbedding(nn.Module):
+    """One id table held as a TorchRec `EmbeddingCollection` (unpooled lookups), the form
+    `recsys_lab.utils.torchrec_strategy.TorchRecStrategy` (`trainer=torchrec`) shards across processes. Unsharded
+    it is an `nn.Embedding` of the same N(0, 1) init and outputs; sharded, each lookup is a collective, so every
+    process must look up as many times (the same steps and evaluation batches).
+
+    forward(ids int64 any shape S) -> (*S, D); `weight` is the (vocab_size, D) table (unsharded only).
+    """
+
+    def __init__(self, name: str, vocab_size: int, embedding_dim: int) -> None:
+        super().__init__()
+        torchrec = import_torchrec()
+        self.name = name
+        # one table, one feature of the same name: TorchRec names both; the strategy plans per table name.
+        # `init_fn` keeps nn.Embedding's own N(0, 1) init (TorchRec's default redraws U(+-sqrt(1/V))): a seeded
+        # model starts where it does with nn.Embedding tables
+        config = torchrec.EmbeddingConfig(
+            name=name,
+            embedding_dim=embedding_dim,
+            num_embeddings=vocab_size,
+            feature_names=[name],
+            init_fn=_keep_init,
+        )
+        self.collection = torchrec.EmbeddingCollection(tables=[config])
+
+    @property
+    def weight(self) -> Tensor:
+        return self.collection.embeddings[self.name].weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        from torchrec import KeyedJaggedTensor
+
+        # a (B,) batch is B bags of one id, a (..., L) one is prod(...) bags of L ids: the jagged values are the
+        # ids in order, and so are the unpooled embeddings
+        width = ids.shape[-1] if ids.dim() > 1 else 1
+        bags = math.prod(ids.shape[:-1]) if ids.dim() > 1 else ids.numel()
+        lengths = torch.full((bags,), width, dtype=torch.long, device=ids.device)
+        features = KeyedJaggedTensor(keys=[self.name], values=ids.reshape(-1), lengths=lengths)
+        values = self.collection(features)[self.name].values()  # (prod(S), D)
+        return values.reshape(*ids.shape, values.shape[-1])  # (*S, D)
+
+
 class FeatureEmbedding(nn.Module):
     """One embedding table per sparse feature; seq features share the table named by their `embed_as`. A
     feature with `buckets` (`data.hash_buckets`) gets a `HashedEmbedding` of that many rows instead, one with
-    `qr_collisions` (`data.qr_embeddings`) a `QREmbedding`.
+    `qr_collisions` (`data.qr_embeddings`) a `QREmbedding`, one with `torchrec_table` (`data.torchrec_tables`) a
+    `TorchRecEmbedding`.
 
     A seq feature without `embed_as` gets a table of its own. Only the features a model reads should get a table,
     otherwise unused tables never receive gradients: `sides` keeps the sparse and seq features of those sides,
@@ -104,6 +168,8 @@ class FeatureEmbedding(nn.Module):
                 self.tables[table] = HashedEmbedding(feature.buckets, embedding_dim)
             elif feature.qr_collisions:  # data.qr_embeddings: quotient and remainder tables
                 self.tables[table] = QREmbedding(feature.vocab_size, feature.qr_collisions, embedding_dim)
+            elif feature.torchrec_table:  # data.torchrec_tables: a table trainer=torchrec can shard
+                self.tables[table] = TorchRecEmbedding(table, feature.vocab_size, embedding_dim)
             else:
                 self.tables[table] = nn.Embedding(feature.vocab_size, embedding_dim)
 
@@ -129,10 +195,12 @@ class FeatureEmbedding(nn.Module):
 
 
 def check_hashed_features(net: nn.Module, schema: Schema) -> None:
-    """`data.hash_buckets` / `data.qr_embeddings` apply to the tables `FeatureEmbedding` builds: a model that
-    builds its own id table of such a feature (sized by its vocabulary) would silently ignore them, so it stops
-    with the feature named."""
-    hashed = {f.name: f.vocab_size for f in schema.features if f.buckets or f.qr_collisions}
+    """`data.hash_buckets` / `data.qr_embeddings` / `data.torchrec_tables` apply to the tables `FeatureEmbedding`
+    builds: a model that builds its own id table of such a feature (sized by its vocabulary) would silently ignore
+    them, so it stops with the feature named."""
+    hashed = {
+        f.name: f.vocab_size for f in schema.features if f.buckets or f.qr_collisions or f.torchrec_table
+    }
     if not hashed:
         return
     served = {
@@ -140,7 +208,7 @@ def check_hashed_features(net: nn.Module, schema: Schema) -> None:
         for m in net.modules()
         if isinstance(m, FeatureEmbedding)
         for name, table in m.tables.items()
-        if isinstance(table, (HashedEmbedding, QREmbedding))
+        if isinstance(table, (HashedEmbedding, QREmbedding, TorchRecEmbedding))
     }
     # tables outside any FeatureEmbedding sized like a hashed vocabulary: a model's own id table of that feature
     inside = {id(t) for m in net.modules() if isinstance(m, FeatureEmbedding) for t in m.modules()}
@@ -153,9 +221,10 @@ def check_hashed_features(net: nn.Module, schema: Schema) -> None:
     unserved = sorted((set(hashed) - served) | own)
     if unserved:
         raise ValueError(
-            f"data.hash_buckets / data.qr_embeddings: {type(net).__name__} builds its own id tables for "
-            f"{unserved} (or does not read them), so they cannot be compressed; hashing and quotient-remainder "
-            "tables apply to models whose tables are FeatureEmbedding's (din, two_tower, deepfm, dcnv2, ...)"
+            f"data.hash_buckets / data.qr_embeddings / data.torchrec_tables: {type(net).__name__} builds its own "
+            f"id tables for {unserved} (or does not read them), so they cannot be compressed or sharded; hashed, "
+            "quotient-remainder and TorchRec tables apply to models whose tables are FeatureEmbedding's (din, "
+            "two_tower, deepfm, dcnv2, ...)"
         )
 
 

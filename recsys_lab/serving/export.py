@@ -364,7 +364,7 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> None:
 
     Weights use 7 bits (`reduce_range`): on x86 CPUs without VNNI (AVX2 / AVX-512BW `vpmaddubsw`) the sum of two
     uint8 x int8 products saturates int16, which moved the served DIN's logits by up to 0.65 and the two-tower's
-    unit-norm query encodings by 0.04 on such a machine (2-core AMD EPYC, onnxruntime 1.32.0); with 7-bit weights
+    unit-norm query encodings by 0.04 on such a machine (2-core Intel Xeon @ 2.00GHz with AVX-512 but no VNNI, onnxruntime 1.32.0); with 7-bit weights
     the change is back within the bounds of `tests/test_export.py` (logits < 0.5, cosine > 0.998), as torch's
     fbgemm does it for `quantize_eager`."""
     import logging
