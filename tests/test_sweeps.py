@@ -133,8 +133,16 @@ def test_two_processes_equal_one_on_the_same_global_batch(model, extra, toleranc
     """2 gloo processes with data.batch_size=32 train and test as 1 process with 64: the same global batches
     (the DataModule shards them), the same first-epoch order, no repeated evaluation rows."""
     common = [f"model={model}", *extra, *FAST, "evaluation=accuracy"]
+    assert_two_processes_equal_one(common, "trainer=ddp_cpu", tolerance, tmp_path, data_dir)
+
+
+def assert_two_processes_equal_one(
+    common: list[str], trainer: str, tolerance: float, tmp_path, data_dir
+) -> None:
+    """Runs `common` as 1 process with data.batch_size=64 and as 2 processes of `trainer` with 32 (the same
+    global batch), and checks every test metric agrees within `tolerance`, with as many optimizer steps."""
     results = {}
-    for name, args in (("one", ["data.batch_size=64"]), ("two", ["data.batch_size=32", "trainer=ddp_cpu"])):
+    for name, args in (("one", ["data.batch_size=64"]), ("two", ["data.batch_size=32", trainer])):
         run_cli([*common, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path, data_dir)
         results[name] = json.loads((tmp_path / name / "results.json").read_text())
     one, two = results["one"]["metrics"], results["two"]["metrics"]

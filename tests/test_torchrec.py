@@ -18,7 +18,7 @@ from recsys_lab.models.din import DIN  # noqa: E402
 from recsys_lab.modules.embeddings import FeatureEmbedding, TorchRecEmbedding, import_torchrec  # noqa: E402
 from recsys_lab.utils.testing import random_batch, tiny_schema  # noqa: E402
 from recsys_lab.utils.torchrec_strategy import TorchRecStrategy, _fused_optimizer  # noqa: E402
-from tests.test_sweeps import FAST, run_cli  # noqa: E402
+from tests.test_sweeps import FAST, assert_two_processes_equal_one  # noqa: E402
 
 TABLES = ["item_id", "user_id"]
 
@@ -140,19 +140,5 @@ def test_sharded_tables_on_two_processes_equal_one_process(model, extra, tmp_pat
         *FAST,
         "evaluation=accuracy",
     ]
-    results = {}
-    for name, args in (
-        ("one", ["data.batch_size=64"]),
-        ("two", ["data.batch_size=32", "trainer=torchrec_cpu"]),
-    ):
-        run_cli([*common, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path, data_dir)
-        results[name] = json.loads((tmp_path / name / "results.json").read_text())
-    one, two = results["one"]["metrics"], results["two"]["metrics"]
-    assert set(one) == set(two) and results["two"]["training"]["world_size"] == 2
-    assert (
-        results["two"]["training"]["optimizer_steps_per_epoch"]
-        == results["one"]["training"]["optimizer_steps_per_epoch"]
-    )
     # float summation order only (measured: 0 for DCN-V2, < 1e-9 for the two-tower)
-    for key, value in one.items():
-        assert two[key] == pytest.approx(value, abs=1e-6), key
+    assert_two_processes_equal_one(common, "trainer=torchrec_cpu", 1e-6, tmp_path, data_dir)
