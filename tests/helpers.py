@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,6 +14,13 @@ SMALL_DATA = [
     "data.batch_size=256",
     "data.eval_batch_size=512",
 ]
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (a rendezvous of test processes, a server that is not there)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def model_overrides(model: str, tmp_path: Path) -> list[str]:

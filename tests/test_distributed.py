@@ -4,7 +4,6 @@ batch (loss and gradients), with 2 CPU processes over gloo."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 
 from recsys_lab.modules.distributed import gather_rows
 from recsys_lab.modules.losses import SampledSoftmaxLoss
+from tests.helpers import free_port
 
 B, D_IN, D = 6, 5, 4  # the global batch: 6 rows, 3 per process
 
@@ -68,10 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # two fresh interpreters: ~5 s (CI runs it)
 def test_cross_rank_negatives_train_as_one_process_on_the_global_batch(tmp_path):
-    with socket.socket() as probe:  # a free local port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
 
     features, item_ids, log_q = _global_batch()

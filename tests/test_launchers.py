@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.distributed.fsdp import ShardingStrategy
 
 from recsys_lab.utils.checks import ConfigError, user_error_message
 from recsys_lab.utils.launch import SubmititEnvironment, instantiate_trainer
-from tests.helpers import SMALL_DATA, model_overrides
+from tests.helpers import SMALL_DATA, free_port, model_overrides
 from tests.test_sweeps import FAST, run_cli
 
 # two-tower on the small simulator, one epoch: 2 processes with batch 32 against 1 with 64
@@ -35,12 +34,6 @@ EXACT = 1e-6
 def restore_rank(monkeypatch):
     """A Trainer built in this process for rank 1 sets Lightning's process-wide rank: put it back after."""
     monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def results(run_dir: Path) -> dict:

@@ -17,7 +17,7 @@ import wandb  # imported up front: its first import is not part of what the timi
 from recsys_lab.train import train
 from recsys_lab.utils.checks import ConfigError
 from recsys_lab.utils.wandb_logging import _wandb_key, finish_loggers, wandb_logger
-from tests.helpers import REPO, SMALL_DATA
+from tests.helpers import REPO, SMALL_DATA, free_port
 
 TINY_RUN = [
     "trainer.max_epochs=1",
@@ -43,10 +43,7 @@ def no_account(monkeypatch, tmp_path) -> Path:
 @pytest.fixture
 def no_network(monkeypatch, no_account) -> str:
     """An API key, and a W&B server address where nothing listens; returns the address."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("WANDB_BASE_URL", url)
     return url

@@ -43,13 +43,19 @@ def check_strategy_installed(strategy: Any) -> None:
     Lightning's own error ("Install it by running `pip install -U deepspeed`", a MisconfigurationException)
     arrives as a traceback through Hydra's instantiation and names no version: torch >= 2.6 needs
     DeepSpeed >= 0.16, which the extra pins."""
-    if isinstance(strategy, DictConfig):
-        strategy = strategy.get("_target_", "")
-    if "deepspeed" in str(strategy or "").lower() and importlib.util.find_spec("deepspeed") is None:
+    strategy = _strategy_name(strategy)
+    if "deepspeed" in strategy.lower() and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
             f"trainer.strategy={strategy} needs DeepSpeed, an optional extra: "
             'pip install -e ".[deepspeed]" (CUDA GPUs only)'
         )
+
+
+def _strategy_name(strategy: Any) -> str:
+    """`trainer.strategy` as text: a name ("ddp"), or a config's `_target_` class path; "" when unset."""
+    if isinstance(strategy, DictConfig):
+        strategy = strategy.get("_target_", "")
+    return str(strategy or "")
 
 
 def check_strategy_fits_model(strategy: Any, net: Any) -> None:
@@ -59,9 +65,8 @@ def check_strategy_fits_model(strategy: Any, net: Any) -> None:
     with `encode_item` at the start of each evaluation (`RankingEvaluation.start`), which then reads a flat
     shard ("'weight' must be 2-D"); and FSDP rejects 0-d parameters ("FSDP doesn't support scalar
     parameters"). Both were seen by forcing FSDP onto CPU; they do not depend on the device."""
-    if isinstance(strategy, DictConfig):
-        strategy = strategy.get("_target_", "")
-    if "fsdp" not in str(strategy or "").lower():
+    strategy = _strategy_name(strategy)
+    if "fsdp" not in strategy.lower():
         return
     from recsys_lab.tasks.ranking import has_encoders
 
